@@ -1,0 +1,209 @@
+"""Rollout: sample a group of G answers per question with a hand-written KV-cache loop.
+
+This is the "explore" half of Med-Evo's test-time loop (and of GRPO): for each unlabeled question
+the policy samples G candidate answers; pseudo labelling (centroid.py) and rewards (reward.py)
+then judge them against each other.
+
+Three pieces, top to bottom:
+  1. `build_inputs`  - the chat-template prompt with the image, each <|image_pad|> expanded into the
+                       number of merged vision tokens the image gives, batched with left padding.
+  2. `sample`        - prefill once per question (vision tower + prompt computed once), copy the KV
+                       cache to G rows, then decode token by token with temperature / top-p and a
+                       per-row EOS stop. temperature=0 is greedy and equals `model.generate`.
+  3. `completion_logits_and_hidden` - one teacher-forced pass over prompt + answers, giving the
+                       logits that GRPO needs and the last-layer hidden states FPL needs.
+
+Qwen2.5-VL uses 3-D rotary positions (temporal, height, width): text tokens advance all three
+together, the image tokens of a grid share a start and spread over height and width. So after the
+prompt, the next text position is one past the largest position used so far, not the sequence length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+DEFAULT_PROMPT_SUFFIX = " Answer the question using a single word or phrase."
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Inputs
+
+
+def open_image(path):
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def build_inputs(tokenizer, image_processor, records, prompt_suffix=DEFAULT_PROMPT_SUFFIX, device="cpu"):
+    """Tokenised prompts for a batch of records (each with `image` and `question`), left-padded.
+
+    Returns a dict: input_ids [B, L], attention_mask [B, L], mm_token_type_ids [B, L] (1 on image
+    tokens), pixel_values [sum of patches, C*T*P*P], image_grid_thw [B, 3].
+    """
+    images = [open_image(r["image"]) for r in records]
+    vision = image_processor(images=images, return_tensors="pt")
+    image_token = "<|image_pad|>"
+    merge = image_processor.merge_size
+    texts = []
+    for record, grid in zip(records, vision["image_grid_thw"]):
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": record["question"] + prompt_suffix}]}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(image_token) != 1:
+            raise ValueError(f"the chat template must place exactly one {image_token} per image, got: {text!r}")
+        n_image_tokens = int(grid.prod()) // merge**2  # patches, then merge x merge patches per token
+        texts.append(text.replace(image_token, image_token * n_image_tokens))
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "mm_token_type_ids": (batch["input_ids"] == image_token_id).int().to(device),
+        "pixel_values": vision["pixel_values"].to(device),
+        "image_grid_thw": vision["image_grid_thw"].to(device),
+    }
+
+
+def prompt_positions(model, prompt):
+    """3-D rotary positions of the prompt tokens [3, B, L], and each row's next text position [B]."""
+    positions, _ = model.model.get_rope_index(
+        prompt["input_ids"],
+        mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"],
+        attention_mask=prompt["attention_mask"],
+    )
+    next_position = positions.amax(dim=(0, 2)) + 1  # [B]; padding sits at 0, so it never wins
+    return positions, next_position
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Sampling
+
+
+@dataclass
+class Rollout:
+    completion_ids: torch.Tensor  # [B*G, T] answer tokens; rows of one question are consecutive
+    completion_mask: torch.Tensor  # [B*G, T] 1 on answer tokens including EOS, 0 on padding
+    texts: list  # B*G decoded answers (special tokens dropped)
+
+
+def eos_token_ids(model, tokenizer):
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def next_tokens(logits, temperature, top_p, generator):
+    """One token per row from logits [N, V]: argmax when temperature == 0, else top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs[mass_before >= top_p] = 0.0  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt, group_size=1, max_new_tokens=16, temperature=1.0, top_p=1.0, generator=None):
+    """G answers per prompt row: prefill once, share the KV cache across the group, decode."""
+    B, L = prompt["input_ids"].shape
+    N = B * group_size
+    positions, next_position = prompt_positions(model, prompt)
+    out = model(
+        input_ids=prompt["input_ids"],
+        attention_mask=prompt["attention_mask"],
+        position_ids=positions,
+        pixel_values=prompt["pixel_values"],
+        image_grid_thw=prompt["image_grid_thw"],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)  # [B, ...] -> [B*G, ...], each prompt's rows together
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+    attention_mask = prompt["attention_mask"].repeat_interleave(group_size, dim=0)  # [N, L]
+    next_position = next_position.repeat_interleave(group_size)  # [N]
+
+    eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
+    pad = tokenizer.pad_token_id
+    tokens, finished = [], torch.zeros(N, dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)  # finished rows emit padding
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position = (next_position + step).view(1, N, 1).expand(3, N, 1)  # text: same index on t, h, w
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]
+
+    completion_ids = torch.stack(tokens, dim=1)  # [N, T]
+    completion_mask = completion_mask_from_ids(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(completion_ids, completion_mask, [t.strip() for t in texts])
+
+
+def completion_mask_from_ids(completion_ids, eos):
+    """1 up to and including the first EOS of each row (all ones if a row never stops)."""
+    is_eos = torch.isin(completion_ids, eos).int()
+    eos_seen_before = is_eos.cumsum(dim=1) - is_eos  # how many EOS strictly before this token
+    return (eos_seen_before == 0).long()
+
+
+def generate_answers(model, tokenizer, image_processor, records, batch_size=16, prompt_suffix=DEFAULT_PROMPT_SUFFIX,
+                     group_size=1, max_new_tokens=16, temperature=0.0, top_p=1.0, generator=None):
+    """Answer texts for every record, in order (G per record, consecutive); greedy by default."""
+    texts = []
+    for start in range(0, len(records), batch_size):
+        prompt = build_inputs(tokenizer, image_processor, records[start : start + batch_size], prompt_suffix, model.device)
+        texts += sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature, top_p, generator).texts
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Teacher-forced pass over prompt + answers (GRPO's log-probs, FPL's features, warm start's loss)
+
+
+def completion_logits_and_hidden(model, prompt, completion_ids, completion_mask, group_size):
+    """Logits predicting each answer token [N, T, V] and the hidden states at those tokens [N, T, D].
+
+    The vision tower runs once per question; the merged image embeddings are then repeated for
+    the G answers of the group. `hidden` is the last decoder layer's output (after the final norm)
+    at the answer tokens themselves: FPL averages it over each answer, at no extra forward pass.
+    """
+    input_ids, attention_mask = prompt["input_ids"], prompt["attention_mask"]  # [B, L]
+    B, L = input_ids.shape
+    embed = model.get_input_embeddings()
+    prompt_embeds = embed(input_ids)  # [B, L, D]
+    image_embeds = torch.cat(model.model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output)
+    image_mask = (prompt["mm_token_type_ids"] == 1).unsqueeze(-1)
+    prompt_embeds = prompt_embeds.masked_scatter(image_mask, image_embeds.to(prompt_embeds.dtype))
+
+    positions, next_position = prompt_positions(model, prompt)  # [3, B, L], [B]
+    T = completion_ids.shape[1]
+    answer_positions = next_position[:, None] + torch.arange(T, device=input_ids.device)  # [B, T]
+    positions = torch.cat([positions, answer_positions.unsqueeze(0).expand(3, B, T)], dim=2)  # [3, B, L+T]
+    positions = positions.repeat_interleave(group_size, dim=1)  # [3, N, L+T]
+
+    inputs_embeds = torch.cat([prompt_embeds.repeat_interleave(group_size, dim=0), embed(completion_ids)], dim=1)
+    mask = torch.cat([attention_mask.repeat_interleave(group_size, dim=0), completion_mask], dim=1)  # [N, L+T]
+    hidden = model.model.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state  # [N, L+T, D]
+    logits = model.lm_head(hidden[:, L - 1 : L + T - 1])  # position i predicts answer token i
+    return logits, hidden[:, L:]

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random Qwen2.5-VL saved and loaded like a hub model, and small images."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CORPUS = [
+    "What modality is used to take this image? Answer the question using a single word or phrase.",
+    "Is there a lesion in the left lung? Where is the liver? How many kidneys are in the image?",
+    "CT MRI X-Ray yes no left lung right lung heart liver brain kidney 2 1 0",
+    "system user assistant You are a helpful assistant.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight tiny Qwen2.5-VL written with save_pretrained (built once per test session)."""
+    import model
+
+    out = tmp_path_factory.mktemp("tiny-random")
+    return model.build_random_tiny(out, CORPUS, seed=0, hidden=64, layers=2, heads=4, vision_hidden=32, init_std=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer, image_processor) loaded back through model.load, as a hub model would be."""
+    import model
+
+    return model.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image_records(tmp_path_factory):
+    """Five records with images of different sizes and questions of different lengths."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    sizes = [(112, 112), (84, 112), (112, 56), (70, 90), (100, 100)]
+    questions = ["What modality is used to take this image?", "Is there a lesion?",
+                 "Where is the lesion in the left lung of this patient?", "How many kidneys?", "Is this a CT scan?"]
+    records = []
+    for i, ((h, w), q) in enumerate(zip(sizes, questions)):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        records.append({"image": str(path), "question": q, "answer": None, "answer_type": "OPEN", "qid": i})
+    return records
