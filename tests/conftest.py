@@ -49,3 +49,48 @@ def image_records(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
         records.append({"image": str(path), "question": q, "answer": None, "answer_type": "OPEN", "qid": i})
     return records
+
+
+SLAKE_QUESTIONS = [
+    ("What modality is used to take this image?", "CT", "OPEN"),
+    ("Is there a lesion?", "Yes", "CLOSED"),
+    ("Where is the lesion?", "Left Lung", "OPEN"),
+    ("Is this a CT scan?", "No", "CLOSED"),
+]
+
+
+@pytest.fixture(scope="session")
+def slake_folder(tmp_path_factory):
+    """A SLAKE-layout folder (imgs/xmlabN/source.jpg + test.json): 3 images x 4 English questions."""
+    import json
+
+    root = tmp_path_factory.mktemp("slake")
+    rng = np.random.default_rng(1)
+    entries, qid = [], 0
+    for img_id in range(3):
+        folder = root / "imgs" / f"xmlab{img_id}"
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(folder / "source.jpg")
+        for question, answer, answer_type in SLAKE_QUESTIONS:
+            entries.append({"img_id": img_id, "img_name": f"xmlab{img_id}/source.jpg", "question": question,
+                            "answer": answer, "q_lang": "en", "location": "Lung", "modality": "CT",
+                            "answer_type": answer_type, "base_type": "vqa", "content_type": "Modality",
+                            "triple": ["vhead", "_", "_"], "qid": qid})
+            qid += 1
+    for split in ["train", "validate", "test"]:
+        (root / f"{split}.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture(scope="session")
+def unlabeled_slake_folder(slake_folder, tmp_path_factory):
+    """The same SLAKE-layout folder with every answer removed (null), as an unlabeled test set ships."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("slake-unlabeled")
+    shutil.copytree(slake_folder / "imgs", root / "imgs")
+    for split in ["train", "validate", "test"]:
+        entries = json.loads((slake_folder / f"{split}.json").read_text())
+        (root / f"{split}.json").write_text(json.dumps([dict(e, answer=None) for e in entries]))
+    return root

@@ -1,0 +1,98 @@
+"""Feature-driven Pseudo Labeling (FPL): pick each question's pseudo label from answer embeddings.
+
+Med-Evo (arXiv 2603.07443) replaces TTRL's majority vote over answer strings with
+FPL: every sampled answer is embedded by the policy itself (mean of its last-layer
+hidden states over the answer tokens), the G embeddings of a question are
+L2-normalised and averaged into a group centroid, and the answer closest to that
+centroid (highest cosine) becomes the pseudo label. Answers that say the same thing
+in different words fall into one cluster, so FPL does not need exact string agreement.
+
+The hidden states come from the same forward pass that gives the policy's
+log-probs for GRPO, so FPL costs no extra forward pass; running that pass with
+output_hidden_states and handing hidden[-1] here is the caller's job.
+
+Pseudo labels are targets, not something to differentiate: everything here runs
+under torch.no_grad on detached float32 copies (the model may run in bf16).
+
+majority_vote() is the TTRL baseline over normalised answer strings.
+"""
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from reward import normalize_answer
+
+
+def check_groups(n, group_size, where):
+    if group_size < 1 or n % group_size != 0:
+        raise ValueError(f"{where}: {n} answers do not split into groups of group_size={group_size}")
+
+
+@torch.no_grad()
+def answer_embeddings(hidden, mask):
+    """Mean hidden state over each answer's tokens: hidden [N, T, D], mask [N, T] -> [N, D] float32.
+
+    An answer with an empty mask gets the zero vector (token count clamped to 1).
+    """
+    if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"answer_embeddings: need hidden [N, T, D] and mask [N, T], "
+                         f"got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+    mask = mask.detach().float()
+    summed = torch.einsum("ntd,nt->nd", hidden.detach().float(), mask)  # [N, D]
+    count = mask.sum(dim=1).clamp(min=1.0)  # [N]
+    return summed / count[:, None]
+
+
+def unit_groups(emb, group_size, where):
+    """L2-normalise rows and reshape [N, D] -> [B, G, D] (zero rows stay zero)."""
+    if emb.dim() != 2:
+        raise ValueError(f"{where}: need embeddings [N, D], got {tuple(emb.shape)}")
+    check_groups(emb.shape[0], group_size, where)
+    unit = F.normalize(emb.detach().float(), dim=-1)
+    return unit.view(-1, group_size, emb.shape[1])
+
+
+@torch.no_grad()
+def centroid_cosines(emb, group_size):
+    """Cosine of each answer to its group centroid (mean of unit embeddings): [N, D] -> [N]."""
+    unit = unit_groups(emb, group_size, "centroid_cosines")  # [B, G, D]
+    centroid = F.normalize(unit.mean(dim=1), dim=-1)  # [B, D]
+    return torch.einsum("bgd,bd->bg", unit, centroid).reshape(-1)
+
+
+@torch.no_grad()
+def fpl_pseudo_labels(emb, group_size):
+    """Index within each group of the answer closest to the group centroid: [N, D] -> LongTensor [B].
+
+    Ties go to the lowest index.
+    """
+    cos = centroid_cosines(emb, group_size).view(-1, group_size)  # [B, G]
+    is_best = cos == cos.max(dim=1, keepdim=True).values
+    index = torch.arange(group_size, device=cos.device).expand_as(cos)
+    return torch.where(is_best, index, group_size).min(dim=1).values
+
+
+@torch.no_grad()
+def cosine_to_pseudo_label(emb, group_size, labels):
+    """Cosine of each answer to its group's pseudo-label answer: [N, D] -> [N] (HSR's soft tier)."""
+    unit = unit_groups(emb, group_size, "cosine_to_pseudo_label")  # [B, G, D]
+    labels = torch.as_tensor(labels, dtype=torch.long, device=unit.device)
+    if labels.shape != (unit.shape[0],) or labels.min() < 0 or labels.max() >= group_size:
+        raise ValueError(f"cosine_to_pseudo_label: need {unit.shape[0]} labels in [0, {group_size}), "
+                         f"got {labels.tolist()}")
+    label_unit = unit[torch.arange(unit.shape[0], device=unit.device), labels]  # [B, D]
+    return torch.einsum("bgd,bd->bg", unit, label_unit).reshape(-1)
+
+
+def majority_vote(texts, group_size):
+    """TTRL baseline: per group, the first answer whose normalised text is the most frequent."""
+    check_groups(len(texts), group_size, "majority_vote")
+    labels = []
+    for start in range(0, len(texts), group_size):
+        normalised = [normalize_answer(t) for t in texts[start:start + group_size]]
+        counts = Counter(normalised)
+        top = max(counts.values())
+        labels.append(next(i for i, t in enumerate(normalised) if counts[t] == top))
+    return labels

@@ -1,0 +1,252 @@
+"""Evaluation: score model answers on medical VQA (VQA-RAD, SLAKE, PathVQA) as the paper reports them.
+
+Med-Evo (arXiv 2603.07443) reports, like LLaVA-Med, recall on OPEN questions and
+accuracy on CLOSED questions. We follow LLaVA-Med's metrics with one fix.
+
+LLaVA-Med's closed-question scoring appends a hit only when the prediction contains
+"yes"/"no" as a substring AND the ground truth is in it; a yes/no prediction that is
+wrong appends nothing, so wrong answers drop out of the denominator and accuracy is
+inflated (the substring test also reads "no" inside "normal"). Here every CLOSED
+question counts: a wrong, ambiguous or unparseable answer is simply wrong.
+
+Rules (all on normalize_for_eval text: SQuAD normalisation + number words -> digits):
+
+  OPEN     recall = share of the distinct ground-truth words found in the prediction's
+           words (a ground truth with no words after normalisation: 1.0 if the
+           prediction is also empty, else 0.0).
+  CLOSED, ground truth yes/no:
+           the prediction's polarity is its first word if that word is "yes" or "no"
+           ("Yes, there is no lesion." -> yes); otherwise the polarity of the
+           yes/no words anywhere in it, where "yes" means yes and "no"/"not" mean no
+           ("There is no lesion" -> no, "The heart is not enlarged" -> no). A
+           prediction with both polarities or neither is wrong.
+  CLOSED, other ground truth (SLAKE has e.g. "Which is bigger, liver or heart?"):
+           correct if the normalised prediction equals the ground truth or contains
+           it as a whole-word phrase ("the liver is bigger" contains "liver").
+           This is lenient: a prediction naming both options is counted correct.
+
+  overall  mean over all labeled questions of the per-question score (recall for
+           OPEN, 0/1 for CLOSED). Records whose answer is None are skipped and
+           counted as n_unlabeled.
+
+Run it (greedy answers, then the table; per-question predictions go to a JSONL file):
+
+    python evaluate.py --dataset synthetic --model artifacts/tiny-base
+    python evaluate.py --dataset slake --data-root PATH --model Qwen/Qwen2.5-VL-3B-Instruct
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from reward import normalize_answer
+
+NUMBER_WORDS = {
+    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "eleven": "11", "twelve": "12", "thirteen": "13", "fourteen": "14", "fifteen": "15",
+    "sixteen": "16", "seventeen": "17", "eighteen": "18", "nineteen": "19", "twenty": "20",
+}
+YES_WORDS = {"yes"}
+NO_WORDS = {"no", "not"}
+
+
+def normalize_for_eval(s):
+    """SQuAD normalisation, then number words zero..twenty -> digits ("two" -> "2")."""
+    return " ".join(NUMBER_WORDS.get(w, w) for w in normalize_answer(s).split())
+
+
+def yes_no_polarity(pred):
+    """'yes', 'no', or None (neither or both) for a free-text prediction; see the module docstring."""
+    words = normalize_for_eval(pred).split()
+    if words and words[0] in ("yes", "no"):
+        return words[0]
+    says_yes = any(w in YES_WORDS for w in words)
+    says_no = any(w in NO_WORDS for w in words)
+    if says_yes == says_no:
+        return None
+    return "yes" if says_yes else "no"
+
+
+def closed_correct(pred, gt):
+    """Is a CLOSED-question prediction right? (yes/no polarity, else exact match or whole-word containment)."""
+    gt_norm = normalize_for_eval(gt)
+    if gt_norm in ("yes", "no"):
+        return yes_no_polarity(pred) == gt_norm
+    pred_norm = normalize_for_eval(pred)
+    if pred_norm == gt_norm:
+        return True
+    return gt_norm != "" and f" {gt_norm} " in f" {pred_norm} "
+
+
+def open_recall(pred, gt):
+    """Share of the distinct ground-truth words that appear in the prediction."""
+    gt_words = set(normalize_for_eval(gt).split())
+    pred_words = set(normalize_for_eval(pred).split())
+    if not gt_words:
+        return float(not pred_words)
+    return len(gt_words & pred_words) / len(gt_words)
+
+
+def answer_text(answer, index):
+    """Ground-truth answer as a string (some VQA-RAD answers are stored as numbers)."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return str(answer)
+    raise TypeError(f"score_predictions: record {index} has an answer of type {type(answer).__name__}: {answer!r}")
+
+
+def question_score(pred, gt, answer_type, index=None):
+    """One question's score: open recall for OPEN, 1.0 / 0.0 for CLOSED."""
+    answer_type = str(answer_type).strip().upper()
+    if answer_type == "OPEN":
+        return open_recall(pred, gt)
+    if answer_type == "CLOSED":
+        return float(closed_correct(pred, gt))
+    where = f"record {index}" if index is not None else "question_score"
+    raise ValueError(f"{where} has answer_type {answer_type!r}, expected 'OPEN' or 'CLOSED'")
+
+
+def score_predictions(records, preds):
+    """Score predictions against records (dicts with 'answer' and 'answer_type' OPEN/CLOSED).
+
+    Returns open_recall, closed_acc, overall (fractions in [0, 1], None when there is no
+    question of that kind), n_open, n_closed, n_unlabeled.
+    """
+    if len(records) != len(preds):
+        raise ValueError(f"score_predictions: {len(records)} records but {len(preds)} predictions")
+    open_scores, closed_scores, n_unlabeled = [], [], 0
+    for index, (record, pred) in enumerate(zip(records, preds)):
+        if record["answer"] is None:
+            n_unlabeled += 1
+            continue
+        if not isinstance(pred, str):
+            raise TypeError(f"score_predictions: prediction {index} is not a str: {pred!r}")
+        score = question_score(pred, answer_text(record["answer"], index), record["answer_type"], index)
+        is_open = str(record["answer_type"]).strip().upper() == "OPEN"
+        (open_scores if is_open else closed_scores).append(score)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "open_recall": mean(open_scores),
+        "closed_acc": mean(closed_scores),
+        "overall": mean(open_scores + closed_scores),
+        "n_open": len(open_scores),
+        "n_closed": len(closed_scores),
+        "n_unlabeled": n_unlabeled,
+    }
+
+
+def format_table(scores):
+    """Fixed-width text table of score_predictions() output, metrics in percent."""
+    def percent(x):
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    rows = [
+        ("open recall (%)", percent(scores["open_recall"])),
+        ("closed accuracy (%)", percent(scores["closed_acc"])),
+        ("overall (%)", percent(scores["overall"])),
+        ("n_open", str(scores["n_open"])),
+        ("n_closed", str(scores["n_closed"])),
+        ("n_unlabeled", str(scores.get("n_unlabeled", 0))),
+    ]
+    lines = [f"{'metric':<22}{'value':>10}", "-" * 32]
+    lines += [f"{name:<22}{value:>10}" for name, value in rows]
+    return "\n".join(lines)
+
+
+# --- CLI ---
+
+
+def predict(model, tokenizer, image_processor, records, batch_size=32, prompt_suffix=None, max_new_tokens=16):
+    """Greedy answers for records, in order."""
+    import rollout
+
+    suffix = rollout.DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix
+    return rollout.generate_answers(model, tokenizer, image_processor, records, batch_size=batch_size,
+                                    prompt_suffix=suffix, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def write_predictions(path, records, preds):
+    """One JSON line per question: qid, question, answer_type, ground truth, prediction, score."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for index, (r, p) in enumerate(zip(records, preds)):
+            score = None if r["answer"] is None else question_score(p, answer_text(r["answer"], index), r["answer_type"])
+            f.write(json.dumps({"qid": r["qid"], "question": r["question"], "answer_type": r["answer_type"],
+                                "answer": r["answer"], "prediction": p, "score": score}) + "\n")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size=8, temperature=1.0,
+                          max_new_tokens=16, batch_size=8, seed=0):
+    """Score of the majority answer and of the FPL answer among G samples per question (no training)."""
+    import centroid
+    import rollout
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    majority, fpl = [], []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompt = rollout.build_inputs(tokenizer, image_processor, batch, device=model.device)
+        out = rollout.sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature, 1.0, generator)
+        _, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask, group_size)
+        emb = centroid.answer_embeddings(hidden, out.completion_mask)
+        labels = centroid.fpl_pseudo_labels(emb, group_size).tolist()
+        votes = centroid.majority_vote(out.texts, group_size)
+        majority += [out.texts[g * group_size + i] for g, i in enumerate(votes)]
+        fpl += [out.texts[g * group_size + i] for g, i in enumerate(labels)]
+    return score_predictions(records, majority), score_predictions(records, fpl)
+
+
+def report_base_model(model_dir, data_root, samples=8, seed=0):
+    """The numbers README records for the tiny base model on the synthetic target split."""
+    import data
+    import model as modeling
+
+    model, tokenizer, image_processor = modeling.load(model_dir)
+    records = data.load_split("synthetic", data_root, "test")
+    greedy = score_predictions(records, predict(model, tokenizer, image_processor, records))
+    majority, fpl = pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size=samples, seed=seed)
+    for name, scores in [("greedy", greedy), (f"majority of {samples} samples", majority), (f"FPL pick of {samples} samples", fpl)]:
+        print(f"tiny base model on synthetic/test, {name}\n{format_table(scores)}")
+    return greedy, majority, fpl
+
+
+def main():
+    import data
+    import model as modeling
+    import rollout
+
+    parser = argparse.ArgumentParser(description="Greedy answers on a split, scored with open recall and closed accuracy.")
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
+    parser.add_argument("--data-root", default=None, help="dataset folder (default for synthetic: artifacts/synthetic)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--lang", default="en", help="SLAKE language subset: en or all")
+    parser.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-suffix", default=rollout.DEFAULT_PROMPT_SUFFIX)
+    parser.add_argument("--out", default=None, help="predictions JSONL (default: predictions_<dataset>_<split>.jsonl)")
+    args = parser.parse_args()
+    if args.dataset != "synthetic" and args.data_root is None:
+        raise SystemExit(f"--dataset {args.dataset} needs --data-root")
+    data_root = args.data_root or modeling.ensure_synthetic()
+    records = data.load_split(args.dataset, data_root, args.split, lang=args.lang)
+    model, tokenizer, image_processor = modeling.load(modeling.resolve_model(args.model))
+    preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix, args.max_new_tokens)
+    print(format_table(score_predictions(records, preds)))
+    out = args.out or f"predictions_{args.dataset}_{args.split}.jsonl"
+    write_predictions(out, records, preds)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
