@@ -128,6 +128,8 @@ def compute_rewards(texts, group_size, labels, cos, kind="hsr", refs=None,
             raise ValueError("compute_rewards: kind='oracle' needs one ground-truth answer per group in refs "
                              f"(got {refs!r}); unlabeled data cannot use the oracle reward")
 
+    labels = [int(i) for i in labels]  # one device sync for the whole batch, not one per answer
+    cos = cos.tolist() if torch.is_tensor(cos) else cos
     rewards = []
     for i, text in enumerate(texts):
         g = i // group_size

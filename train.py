@@ -193,6 +193,13 @@ def shard(items, rank, world_size):
 # One GRPO step
 
 
+def clock(device):
+    """Wall time after the device's queued work is done, so per-stage timings are honest on GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def rewards_for_rollout(hidden, out, group_size, args, refs=None):
     """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G], diagnostics)."""
     emb = centroid.answer_embeddings(hidden.detach().float(), out.completion_mask)  # [N, D]
@@ -209,20 +216,20 @@ def rewards_for_rollout(hidden, out, group_size, args, refs=None):
 def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, timings=None):
     """Everything between the rollout and backward: log-probs, FPL, HSR, advantages, GRPO loss."""
     timings = {} if timings is None else timings
-    t0 = time.time()
+    t0 = clock(policy.device)
     logits, hidden = rollout.completion_logits_and_hidden(policy, prompt, out.completion_ids, out.completion_mask, group_size)
     logp = grpo.token_logprobs(logits, out.completion_ids)  # [N, T]
     del logits
-    t1 = time.time()
+    t1 = clock(policy.device)
     rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
     advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
-    t2 = time.time()
+    t2 = clock(policy.device)
     ref_logp = None
     if args.kl_coef > 0:
         with torch.no_grad():
             ref_logits, _ = rollout.completion_logits_and_hidden(reference, prompt, out.completion_ids, out.completion_mask, group_size)
             ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
-    t3 = time.time()
+    t3 = clock(policy.device)
     mask = out.completion_mask.to(logp.dtype)
     loss, stats = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, clip_eps=args.clip_eps,
                                  kl_coef=args.kl_coef, agg=args.loss_agg)
@@ -235,25 +242,25 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
     """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> (all-reduce) -> AdamW step."""
     G = args.group_size
     timings = {}
-    t0 = time.time()
+    t0 = clock(policy.device)
     prompt = rollout.build_inputs(tokenizer, image_processor, records, args.prompt_suffix, policy.device)
     policy.eval()  # sampling: no dropout; Qwen has none, but a fork might
     out = rollout.sample(policy, tokenizer, prompt, G, args.max_new_tokens, args.temperature, args.top_p, generator)
-    timings["rollout"] = time.time() - t0
+    timings["rollout"] = clock(policy.device) - t0
     policy.train()
     refs = answers if args.reward == "oracle" else None  # the supervised upper bound reads labels; Med-Evo never does
     for update in range(args.updates_per_rollout):
         loss, update_stats, rewards, labels = policy_loss(policy, reference, prompt, out, G, args, refs, timings)
         if update == 0:
             stats = update_stats  # log the first update's view of the fresh rollout
-        t_backward = time.time()
+        t_backward = clock(policy.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(policy)
         if args.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
         optimizer.step()
-        timings["backward_and_step"] = timings.get("backward_and_step", 0.0) + time.time() - t_backward
+        timings["backward_and_step"] = timings.get("backward_and_step", 0.0) + clock(policy.device) - t_backward
     label_texts = [out.texts[g * G + int(i)] for g, i in enumerate(labels)]
     stats.update(
         reward=float(rewards.mean()),

@@ -1,0 +1,410 @@
+"""Benchmark: how fast the rollout sampler is, and where one Med-Evo training step spends its time.
+
+Med-Evo (arXiv 2603.07443) samples G answers per unlabeled question at every GRPO step, so the
+sampler and the step's split between rollout, forward/backward passes and the FPL + HSR
+bookkeeping decide how long test-time adaptation takes. Two measurements, in one run:
+
+  1. sampler throughput: answer tokens per second of our `rollout.sample` (prefill once per
+     question, KV cache shared by the G answers) against `model.generate(num_return_sequences=G)`,
+     same model, same prompts (one `rollout.build_inputs` batch), same sampling distribution
+     (temperature 1, top-p 1, no top-k, no repetition penalty), same max answer length, for G = 1
+     and G = 8. Answer tokens are the real ones: up to and including the first EOS. Sampled lengths
+     differ between the two, so the mean answer length of each is reported next to its tokens/s.
+  2. training-step split: `train.train_step` (flags from `train.parse_args`, G = 8) reports the
+     seconds spent in rollout, policy forward, backward + AdamW step, reference forward and FPL + HSR;
+     each is shown as seconds and as a share of the step's wall time. Target: FPL + HSR < 5%.
+
+Each timing is the median of --repeats runs after one warmup run, under torch.inference_mode for
+the sampler, with the GPU synchronized before the clock is read.
+
+    python bench.py --random-tiny --device cpu --questions 2 --repeats 1    # quick check, no model build
+    python bench.py                                                         # the warm-started tiny model
+    python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda
+    python bench.py --qwen-3b-random --device cuda                          # 3B architecture, random weights
+
+--qwen-3b-random builds Qwen2.5-VL-3B-Instruct's architecture (its public config, written out below)
+with random weights, with no download. It borrows a small locally trained tokenizer, so the
+special-token ids are remapped to that tokenizer's: only speed and memory mean anything there.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
+
+import data
+import model as modeling
+import rollout
+import train
+
+GROUP_SIZES = (1, 8)  # sampler comparison
+TRAIN_GROUP_SIZE = 8  # the training step
+FPL_HSR_TARGET = 0.05  # FPL + HSR should stay under 5% of a step
+
+QUESTIONS = [  # for generated records: different lengths, so prompts get different paddings
+    "What modality is used to take this image?",
+    "Is there a lesion?",
+    "Where is the lesion in the left lung of this patient?",
+    "How many kidneys are in the image?",
+    "Is this a CT scan?",
+    "Which organ is the largest one in this image?",
+    "Does the heart look enlarged?",
+    "In which plane is this image taken?",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model (built on first use)")
+    p.add_argument("--random-tiny", action="store_true", help="a random-weight tiny model of the tiny base's size, built in a temp dir")
+    p.add_argument("--qwen-3b-random", action="store_true", help="Qwen2.5-VL-3B's architecture with random weights (speed and memory only)")
+    p.add_argument("--qwen-layers", type=int, default=0,
+                   help="with --qwen-3b-random: only this many text layers and vision blocks (a code-path check, not a result)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--questions", type=int, default=8, help="questions in the batch (prefilled together)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer sampled")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the warmup; the median is reported")
+    p.add_argument("--image-size", type=int, default=448, help="side in pixels of the generated images (not the synthetic split)")
+    p.add_argument("--part", default="all", choices=["all", "sampler", "train"], help="which measurement to run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench.json", help="where the results are written as JSON")
+    args = p.parse_args(argv)
+    if args.random_tiny and args.qwen_3b_random:
+        raise SystemExit("--random-tiny and --qwen-3b-random each pick the model: give one of them")
+    if (args.random_tiny or args.qwen_3b_random) and args.model != "tiny":
+        raise SystemExit(f"--model {args.model} cannot be combined with --random-tiny or --qwen-3b-random")
+    if args.qwen_layers and not args.qwen_3b_random:
+        raise SystemExit("--qwen-layers only applies to --qwen-3b-random")
+    for flag in ["questions", "max_new_tokens", "repeats", "image_size"]:
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if args.qwen_layers < 0:
+        raise SystemExit(f"--qwen-layers {args.qwen_layers} must be positive (0 = the full 36 / 32)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting and timing
+
+
+def count_answer_tokens(completion_ids, eos_ids):
+    """Real answer tokens per row [N] of completion_ids [N, T]: up to and including the first EOS.
+
+    A row that never emits EOS counts all T tokens; whatever follows an EOS (padding) is not counted.
+    """
+    eos = torch.as_tensor(eos_ids, device=completion_ids.device)
+    return rollout.completion_mask_from_ids(completion_ids, eos).sum(dim=1)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(fn(), seconds), with the GPU's queued work finished before each clock reading."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and models
+
+
+def generated_records(folder, n, image_size, seed):
+    """n records with random-noise images (image_size x image_size) and questions of varied length."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        path = Path(folder) / f"bench{i}.png"
+        Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)).save(path)
+        records.append({"image": str(path), "question": QUESTIONS[i % len(QUESTIONS)], "answer": None,
+                        "answer_type": "OPEN", "qid": i})
+    return records
+
+
+def synthetic_test_records(n):
+    records = data.load_split("synthetic", modeling.ensure_synthetic(), "test")
+    if len(records) < n:
+        raise SystemExit(f"--questions {n}: the synthetic test split has only {len(records)} questions")
+    return records[:n]
+
+
+def qwen25_vl_3b_config(tokenizer, layers=0):
+    """Qwen/Qwen2.5-VL-3B-Instruct's config.json, written out; special-token ids taken from `tokenizer`.
+
+    layers > 0 keeps only that many text layers and vision blocks (a cheap check of the code path).
+    """
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in modeling.SPECIAL_TOKENS}  # Qwen's: 151643...151656
+    text_layers, vision_depth = (layers, layers) if layers else (36, 32)
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=text_layers,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            hidden_act="silu",
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            use_sliding_window=False,
+            tie_word_embeddings=True,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            hidden_act="silu",
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31] if not layers else [layers - 1],
+            tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_random_qwen_3b(records, device, layers=0):
+    """(model, tokenizer, image_processor): random 3B weights built on the device, bf16 on GPU, fp32 on CPU."""
+    tokenizer = modeling.train_tokenizer(modeling.tokenizer_corpus(records))
+    config = qwen25_vl_3b_config(tokenizer, layers)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):  # initialise the weights where they will live: no 15 GB fp32 copy on the host
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    # Qwen2.5-VL's own preprocessing (preprocessor_config.json: min_pixels 3136, max_pixels 12845056)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
+    return model.eval(), tokenizer, image_processor
+
+
+def model_and_records(args, device, scratch):
+    """(model, tokenizer, image_processor, records, description) for the flags given."""
+    if args.qwen_3b_random:
+        records = generated_records(scratch, args.questions, args.image_size, args.seed)
+        model, tokenizer, image_processor = build_random_qwen_3b(records, device, args.qwen_layers)
+        layers = f", only {args.qwen_layers} text layers / vision blocks" if args.qwen_layers else ""
+        description = (f"Qwen2.5-VL-3B-Instruct architecture, RANDOM weights{layers}; special-token ids remapped to a "
+                       f"small local tokenizer: only speed and memory are meaningful")
+        return model, tokenizer, image_processor, records, description
+    if args.random_tiny:
+        records = generated_records(scratch, args.questions, args.image_size, args.seed)
+        folder = modeling.build_random_tiny(Path(scratch) / "random-tiny", modeling.tokenizer_corpus(records), seed=args.seed,
+                                            hidden=128, layers=4, heads=4, vision_hidden=128)
+        description = "random-weight tiny Qwen2.5-VL (hidden 128, 4 layers, the tiny base's size)"
+        return (*modeling.load(folder, device), records, description)
+    records = synthetic_test_records(args.questions) if args.model == "tiny" else \
+        generated_records(scratch, args.questions, args.image_size, args.seed)
+    description = "tiny base model (warm-started)" if args.model == "tiny" else args.model
+    return (*modeling.load(modeling.resolve_model(args.model), device), records, description)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Sampler throughput: rollout.sample vs model.generate
+
+
+def sample_ours(model, tokenizer, prompt, group_size, max_new_tokens, generator):
+    """Answer tokens [B*G, T] from our sampler (prefill once per question, shared KV cache)."""
+    out = rollout.sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
+                         generator=generator)
+    return out.completion_ids
+
+
+def sample_generate(model, prompt, group_size, max_new_tokens):
+    """Answer tokens [B*G, T] from model.generate with the same sampling distribution as ours.
+
+    top_k=0 and repetition_penalty=1.0 are given explicitly: otherwise generate would take them
+    from the model's generation_config (top-k 50 by default; Qwen-Instruct ships top-k 1, penalty 1.05).
+    """
+    ids = model.generate(**prompt, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                         max_new_tokens=max_new_tokens, num_return_sequences=group_size)
+    return ids[:, prompt["input_ids"].shape[1]:]  # generate returns prompt + answer
+
+
+def measure_sampler(name, draw, eos_ids, repeats, device):
+    """Warmup once, then `repeats` timed draws: median seconds and tokens/s, mean answer length."""
+    reset_peak_memory(device)
+    with torch.inference_mode():
+        draw()  # warmup
+        runs = []
+        for _ in range(repeats):
+            ids, seconds = timed(draw, device)
+            lengths = count_answer_tokens(ids, eos_ids)  # [rows]
+            runs.append((seconds, int(lengths.sum()), float(lengths.float().mean()), ids.shape[0]))
+    return {
+        "method": name,
+        "rows": runs[0][3],
+        "seconds": statistics.median(r[0] for r in runs),
+        "tokens_per_second": statistics.median(r[1] / r[0] for r in runs),
+        "mean_answer_length": statistics.mean(r[2] for r in runs),
+        "peak_memory_gib": peak_memory_gib(device),
+        "seconds_per_run": [r[0] for r in runs],
+    }
+
+
+def bench_sampler(model, tokenizer, prompt, args, device):
+    eos_ids = rollout.eos_token_ids(model, tokenizer)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    results = []
+    for G in GROUP_SIZES:
+        torch.manual_seed(args.seed)  # generate samples from the global generator
+        ours = measure_sampler("rollout.sample", lambda: sample_ours(model, tokenizer, prompt, G, args.max_new_tokens, generator),
+                               eos_ids, args.repeats, device)
+        theirs = measure_sampler("model.generate", lambda: sample_generate(model, prompt, G, args.max_new_tokens),
+                                 eos_ids, args.repeats, device)
+        ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+        results += [dict(r, group_size=G, speedup_tokens_per_second=ratio) for r in (ours, theirs)]
+    return results
+
+
+def format_sampler(results, args):
+    lines = [f"sampler: {args.questions} questions, up to {args.max_new_tokens} new tokens, "
+             f"median of {args.repeats} run(s) after a warmup",
+             f"{'G':>3}  {'method':<15}{'rows':>6}{'seconds':>10}{'tokens/s':>11}{'mean len':>10}{'peak GiB':>10}"]
+    for r in results:
+        peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        lines.append(f"{r['group_size']:>3}  {r['method']:<15}{r['rows']:>6}{r['seconds']:>10.3f}"
+                     f"{r['tokens_per_second']:>11.1f}{r['mean_answer_length']:>10.2f}{peak:>10}")
+    for r in results[::2]:
+        lines.append(f"G={r['group_size']}: rollout.sample gives {r['speedup_tokens_per_second']:.2f}x "
+                     f"the answer tokens/s of model.generate")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Training-step split, from train.train_step's own timers
+
+STEP_PARTS = [  # (train_step stat, label)
+    ("seconds_rollout", "rollout"),
+    ("seconds_policy_forward", "policy forward"),
+    ("seconds_backward_and_step", "backward + AdamW step"),
+    ("seconds_reference_forward", "reference forward"),
+    ("seconds_fpl_hsr", "FPL + HSR"),
+]
+
+
+def training_setup(policy, args, device):
+    """Reference copy, gradient checkpointing and optimizer as train.main sets them up."""
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    if args.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    if checkpointing:
+        policy.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    return reference, optimizer, checkpointing
+
+
+def bench_train_step(policy, tokenizer, image_processor, records, bench_args, device):
+    args = train.parse_args(["--group-size", str(TRAIN_GROUP_SIZE), "--max-new-tokens", str(bench_args.max_new_tokens),
+                             "--questions-per-step", str(len(records)), "--seed", str(bench_args.seed)])
+    reference, optimizer, checkpointing = training_setup(policy, args, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    answers = [r["answer"] for r in records]  # for the hit-rate diagnostic only (NaN when None)
+    step = lambda: train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator)
+    reset_peak_memory(device)
+    step()  # warmup
+    runs = []
+    for _ in range(bench_args.repeats):
+        stats, seconds = timed(step, device)
+        parts = {key: stats[key] for key, _ in STEP_PARTS}
+        runs.append(dict(parts, seconds_other=seconds - sum(parts.values()), seconds_step=seconds))
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    share = {key: median[key] / median["seconds_step"] for key in median if key != "seconds_step"}
+    return {"group_size": TRAIN_GROUP_SIZE, "questions": len(records), "gradient_checkpointing": checkpointing,
+            "kl_coef": args.kl_coef, "median_seconds": median, "share_of_step": share,
+            "fpl_hsr_share": share["seconds_fpl_hsr"], "fpl_hsr_target": FPL_HSR_TARGET,
+            "peak_memory_gib": peak_memory_gib(device), "runs": runs}
+
+
+def format_train_step(result, args, device):
+    med, share = result["median_seconds"], result["share_of_step"]
+    lines = [f"training step: {result['questions']} questions x G={result['group_size']}, up to {args.max_new_tokens} "
+             f"new tokens, median of {args.repeats} step(s) after a warmup",
+             f"  {'part':<24}{'seconds':>10}{'% of step':>11}"]
+    for key, label in STEP_PARTS + [("seconds_other", "other (untimed glue)")]:
+        lines.append(f"  {label:<24}{med[key]:>10.3f}{100 * share[key]:>10.1f}%")
+    lines.append(f"  {'step (wall)':<24}{med['seconds_step']:>10.3f}{100.0:>10.1f}%")
+    if result["peak_memory_gib"] is not None:
+        lines.append(f"  peak memory {result['peak_memory_gib']:.2f} GiB")
+    verdict = "met" if result["fpl_hsr_share"] < FPL_HSR_TARGET else "NOT met"
+    lines.append(f"FPL + HSR take {100 * result['fpl_hsr_share']:.1f}% of the step (target < {100 * FPL_HSR_TARGET:.0f}%: {verdict})")
+    if device.type == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
+        # train.train_step reads time.time() without synchronizing the GPU, so queued kernels of one part
+        # are billed to the next part that waits on them; blocking launches make the split exact.
+        lines.append("note: on GPU this split is only exact with CUDA_LAUNCH_BLOCKING=1 "
+                     "(e.g. CUDA_LAUNCH_BLOCKING=1 python bench.py --part train); the wall time is exact either way")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else modeling.default_device()
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory(prefix="medevo-bench-") as scratch:
+        model, tokenizer, image_processor, records, description = model_and_records(args, device, scratch)
+        dtype = next(model.parameters()).dtype
+        setup = {"model": description, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                 "attention": model.config._attn_implementation,
+                 "parameters_billion": sum(p.numel() for p in model.parameters()) / 1e9,
+                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                 "questions": args.questions, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                 "torch": torch.__version__, "cuda_launch_blocking": os.environ.get("CUDA_LAUNCH_BLOCKING") == "1"}
+        print(f"model: {description} | {setup['parameters_billion']:.3f}B parameters | {device} {setup['dtype']} "
+              f"| attention {setup['attention']}" + (f" | {setup['gpu']}" if setup["gpu"] else ""), flush=True)
+        results = {"setup": setup}
+        if args.part in ("all", "sampler"):
+            prompt = rollout.build_inputs(tokenizer, image_processor, records, device=device)  # built once, shared
+            setup["prompt_tokens"] = int(prompt["input_ids"].shape[1])
+            results["sampler"] = bench_sampler(model, tokenizer, prompt, args, device)
+            print(format_sampler(results["sampler"], args), flush=True)
+        if args.part in ("all", "train"):
+            results["train_step"] = bench_train_step(model, tokenizer, image_processor, records, args, device)
+            print(format_train_step(results["train_step"], args, device), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
