@@ -425,10 +425,10 @@ def main(argv=None):
         if step % args.save_every == 0 or step == total_steps:
             save_checkpoint(out_dir, policy, tokenizer, image_processor, optimizer, step, generator, rank)
     after = run_eval("final")
-    if before is not None:
-        log(f"overall {100 * before['overall']:.2f} -> {100 * after['overall']:.2f} "
-            f"(open recall {100 * before['open_recall']:.2f} -> {100 * after['open_recall']:.2f}, "
-            f"closed accuracy {100 * before['closed_acc']:.2f} -> {100 * after['closed_acc']:.2f})")
+    if before is not None and before["overall"] is not None:
+        log("before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
+                                         for key, name in [("overall", "overall"), ("open_recall", "open recall"),
+                                                           ("closed_acc", "closed accuracy")] if before[key] is not None))
     if dist.is_initialized():
         dist.destroy_process_group()
     return after
