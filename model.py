@@ -180,7 +180,7 @@ def tokenizer_corpus(records):
     return corpus
 
 
-def warm_start(model, tokenizer, image_processor, records, steps=600, batch_size=16, lr=2e-3, seed=0, log_every=50):
+def warm_start(model, tokenizer, image_processor, records, steps=2000, batch_size=16, lr=2e-3, seed=0, log_every=100):
     """Supervised fine-tuning on labelled source-domain records; answers drawn from paraphrase sets."""
     from data.synthetic import paraphrase
     from rollout import build_inputs, completion_logits_and_hidden
@@ -228,7 +228,7 @@ def ensure_synthetic(root=SYNTHETIC_DIR, seed=0):
     return root
 
 
-def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, steps=600):
+def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, steps=2000):
     """The offline tiny base model: random init + warm start on the source split, built once."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -256,7 +256,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(TINY_BASE_DIR), help="where the tiny base model is written")
     parser.add_argument("--data-root", default=str(SYNTHETIC_DIR), help="synthetic benchmark folder")
-    parser.add_argument("--steps", type=int, default=600, help="warm-start optimizer steps")
+    parser.add_argument("--steps", type=int, default=2000, help="warm-start optimizer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=8, help="answers sampled per question for majority@G")
     args = parser.parse_args()

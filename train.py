@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer sampled or evaluated")
     p.add_argument("--prompt-suffix", default=rollout.DEFAULT_PROMPT_SUFFIX, help="appended to every question")
     # optimisation
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (the tiny demo uses a larger one, see README)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default: 1e-6 for a real model; 3e-5 with --model tiny, whose ~1M weights need larger steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the unlabeled split")
@@ -88,6 +89,8 @@ def parse_args(argv=None):
                    help="recompute activations in backward (default: on for GPU, off for CPU)")
     p.add_argument("--freeze-vision", action="store_true", help="train only the language model, not the vision tower")
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 3e-5 if args.model == "tiny" else 1e-6
     return args
 
 
