@@ -204,7 +204,7 @@ def clock(device):
 
 
 def rewards_for_rollout(hidden, out, group_size, args, refs=None):
-    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G], diagnostics)."""
+    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G])."""
     emb = centroid.answer_embeddings(hidden.detach().float(), out.completion_mask)  # [N, D]
     if args.pseudo_label == "fpl":
         labels = centroid.fpl_pseudo_labels(emb, group_size)
@@ -216,29 +216,41 @@ def rewards_for_rollout(hidden, out, group_size, args, refs=None):
     return rewards, labels
 
 
-def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, timings=None):
-    """Everything between the rollout and backward: log-probs, FPL, HSR, advantages, GRPO loss."""
+def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, timings=None, rollout_scores=None):
+    """Everything between the rollout and backward: log-probs, FPL, HSR, advantages, GRPO loss.
+
+    The first update on a rollout computes its scores (old log-probs, pseudo labels, rewards,
+    advantages, reference log-probs) and returns them; later updates (--updates-per-rollout > 1)
+    pass them back in, so that the ratio is taken against the policy that sampled the answers.
+    Returns (loss, stats, rollout_scores).
+    """
     timings = {} if timings is None else timings
     t0 = clock(policy.device)
     logits, hidden = rollout.completion_logits_and_hidden(policy, prompt, out.completion_ids, out.completion_mask, group_size)
     logp = grpo.token_logprobs(logits, out.completion_ids)  # [N, T]
     del logits
     t1 = clock(policy.device)
-    rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
-    advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
-    t2 = clock(policy.device)
-    ref_logp = None
-    if args.kl_coef > 0:
-        with torch.no_grad():
-            ref_logits, _ = rollout.completion_logits_and_hidden(reference, prompt, out.completion_ids, out.completion_mask, group_size)
-            ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
-    t3 = clock(policy.device)
+    if rollout_scores is None:
+        rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
+        advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
+        t2 = clock(policy.device)
+        ref_logp = None
+        if args.kl_coef > 0:
+            with torch.no_grad():
+                ref_logits, _ = rollout.completion_logits_and_hidden(reference, prompt, out.completion_ids,
+                                                                     out.completion_mask, group_size)
+                ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
+        t3 = clock(policy.device)
+        for name, seconds in [("fpl_hsr", t2 - t1), ("reference_forward", t3 - t2)]:
+            timings[name] = timings.get(name, 0.0) + seconds
+        rollout_scores = dict(old_logp=logp.detach(), ref_logp=ref_logp, rewards=rewards, labels=labels,
+                              advantages=advantages)
+    timings["policy_forward"] = timings.get("policy_forward", 0.0) + t1 - t0
     mask = out.completion_mask.to(logp.dtype)
-    loss, stats = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, clip_eps=args.clip_eps,
+    loss, stats = grpo.grpo_loss(logp, rollout_scores["old_logp"], rollout_scores["ref_logp"],
+                                 rollout_scores["advantages"], mask, clip_eps=args.clip_eps,
                                  kl_coef=args.kl_coef, agg=args.loss_agg)
-    for name, seconds in [("policy_forward", t1 - t0), ("fpl_hsr", t2 - t1), ("reference_forward", t3 - t2)]:
-        timings[name] = timings.get(name, 0.0) + seconds
-    return loss, {k: float(v) for k, v in stats.items()}, rewards, labels
+    return loss, {k: float(v) for k, v in stats.items()}, rollout_scores
 
 
 def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator):
@@ -252,8 +264,9 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
     timings["rollout"] = clock(policy.device) - t0
     policy.train()
     refs = answers if args.reward == "oracle" else None  # the supervised upper bound reads labels; Med-Evo never does
+    scores = None
     for update in range(args.updates_per_rollout):
-        loss, update_stats, rewards, labels = policy_loss(policy, reference, prompt, out, G, args, refs, timings)
+        loss, update_stats, scores = policy_loss(policy, reference, prompt, out, G, args, refs, timings, scores)
         if update == 0:
             stats = update_stats  # log the first update's view of the fresh rollout
         t_backward = clock(policy.device)
@@ -264,9 +277,9 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
         optimizer.step()
         timings["backward_and_step"] = timings.get("backward_and_step", 0.0) + clock(policy.device) - t_backward
-    label_texts = [out.texts[g * G + int(i)] for g, i in enumerate(labels)]
+    label_texts = [out.texts[g * G + int(i)] for g, i in enumerate(scores["labels"])]
     stats.update(
-        reward=float(rewards.mean()),
+        reward=float(scores["rewards"].mean()),
         answer_length=float(out.completion_mask.sum(1).float().mean()),
         hit_rate=pseudo_label_hit_rate(label_texts, records, answers),
         **{f"seconds_{k}": v for k, v in timings.items()},

@@ -39,7 +39,7 @@ rows = [q * G + j for q in mine for j in range(G)]
 prompt = rollout.build_inputs(tokenizer, image_processor, [records[q] for q in mine])
 out = rollout.Rollout(out_all.completion_ids[rows], out_all.completion_mask[rows], [out_all.texts[r] for r in rows])
 policy.train()
-loss, stats, rewards, labels = train.policy_loss(policy, reference, prompt, out, G, args)
+loss, stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
 loss.backward()
 train.average_gradients(policy)
 if rank == 0:

@@ -95,3 +95,28 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path):
         train.main(argv)
     assert message in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_later_updates_take_the_ratio_against_the_sampling_policy(tiny_model_dir, slake_folder):
+    """--updates-per-rollout > 1: the second update's ratio is new policy / sampling policy (not 1),
+    and the rewards, advantages and old log-probs are the first update's."""
+    import data
+    import model as modeling
+    import rollout
+
+    G = 4
+    args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--lr", "1e-2"])
+    policy, tokenizer, image_processor = modeling.load(tiny_model_dir, "cpu")
+    reference, _, _ = modeling.load(tiny_model_dir, "cpu")
+    records = data.load_split("slake", slake_folder, "test")[:2]
+    prompt = rollout.build_inputs(tokenizer, image_processor, records)
+    out = rollout.sample(policy, tokenizer, prompt, G, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
+    loss, first_stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
+    assert first_stats["ratio_mean"] == pytest.approx(1.0) and first_stats["kl"] == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    optimizer.step()
+    _, second_stats, scores_again = train.policy_loss(policy, reference, prompt, out, G, args, rollout_scores=scores)
+    assert scores_again is scores
+    assert second_stats["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert second_stats["kl"] > 0
