@@ -65,15 +65,21 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_model_name(name_or_path):
+    """A folder must hold config.json; anything else must look like a hub name (owner/name)."""
+    path = Path(str(name_or_path)).expanduser()
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or "/" not in str(name_or_path)
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name_or_path}: not a model folder (no config.json in {path.resolve()}) "
+                                "and not a hub name (owner/name)")
+
+
 def load(name_or_path, device=None, dtype=None):
     """(model, tokenizer, image_processor) from a hub name or folder; bf16 on GPU, fp32 on CPU."""
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = Path(str(name_or_path))
-    looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists()
-    if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {name_or_path}: no config.json in {path.resolve()}")
+    check_model_name(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     image_processor = AutoImageProcessor.from_pretrained(str(name_or_path))

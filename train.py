@@ -109,10 +109,11 @@ def check_args(args, world_size):
         raise SystemExit(f"--soft-weight {args.soft_weight} must be in [0, 1) so that exact match always scores highest")
     if not 0 <= args.f1_weight <= 1:
         raise SystemExit(f"--f1-weight {args.f1_weight} must be in [0, 1]")
-    model_path = Path(args.model).expanduser()
-    looks_local = model_path.exists() or args.model.startswith((".", "/", "~")) or "/" not in args.model
-    if args.model != "tiny" and looks_local and not (model_path / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: not a model folder (no config.json there) and not a hub name (owner/name)")
+    if args.model != "tiny":
+        try:
+            modeling.check_model_name(args.model)
+        except FileNotFoundError as err:
+            raise SystemExit(str(err)) from err
     if args.dataset != "synthetic" and args.data_root is None:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root")
     if args.resume and not (Path(args.out_dir) / "checkpoint" / "trainer_state.pt").is_file():
