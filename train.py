@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--updates-per-rollout", type=int, default=1, help="GRPO iterations on each rollout (mu); >1 makes clipping bite")
     p.add_argument("--kl-coef", type=float, default=0.04, help="beta of the k3 KL to the frozen reference (0 = no reference model)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range epsilon")
-    p.add_argument("--loss-agg", default="seq-mean", choices=["seq-mean", "token-mean"], help="how token losses are averaged")
+    p.add_argument("--loss-agg", default="seq-mean", choices=["seq-mean", "token-mean"], help="how token losses are averaged (token-mean is per rank, so with several ranks it is not exactly the global token mean; seq-mean is exact)")
     p.add_argument("--adv-scale", default="std", choices=["std", "none"], help="divide advantages by the group std (GRPO) or not (Dr. GRPO)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0 = run all epochs)")
     p.add_argument("--seed", type=int, default=0)
