@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
 
 import data
 import model as modeling
@@ -207,8 +207,7 @@ def build_random_qwen_3b(records, device, layers=0):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):  # initialise the weights where they will live: no 15 GB fp32 copy on the host
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = modeling.qwen_generation_config(tokenizer)
     # Qwen2.5-VL's own preprocessing (preprocessor_config.json: min_pixels 3136, max_pixels 12845056)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
     return model.eval(), tokenizer, image_processor
@@ -322,14 +321,8 @@ STEP_PARTS = [  # (train_step stat, label)
 def training_setup(policy, args, device):
     """Reference copy, gradient checkpointing and optimizer as train.main sets them up."""
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
-    if args.freeze_vision:
-        policy.model.visual.requires_grad_(False)
-    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
-    if checkpointing:
-        policy.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    return reference, optimizer, checkpointing
+    optimizer = train.prepare_policy(policy, args, device)
+    return reference, optimizer, policy.is_activation_checkpointing
 
 
 def bench_train_step(policy, tokenizer, image_processor, records, bench_args, device):

@@ -155,13 +155,18 @@ def tiny_config(tokenizer, hidden=128, layers=4, heads=4, vision_hidden=128, vis
     )
 
 
+def qwen_generation_config(tokenizer):
+    """Stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>: Qwen2.5-VL-Instruct's EOS setup."""
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+
 def build_random_tiny(out_dir, corpus, seed=0, image_size=112, **sizes):
     """Write a random-weight tiny Qwen2.5-VL + tokenizer + image processor to out_dir, hub layout."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **sizes))
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = qwen_generation_config(tokenizer)
     # Images of about image_size x image_size: 56x56 .. image_size^2 pixels, in 28-px steps.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_size * image_size)
     out_dir = Path(out_dir)

@@ -355,6 +355,16 @@ def load_trainer_state(out_dir, optimizer, generator, rank, world_size):
 # Main loop
 
 
+def prepare_policy(policy, args, device):
+    """Freeze the vision tower and turn on gradient checkpointing as the flags say; return AdamW."""
+    if args.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda":
+        policy.gradient_checkpointing_enable()
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                             weight_decay=args.weight_decay)
+
+
 def format_eta(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
@@ -394,12 +404,7 @@ def main(argv=None):
     if args.kl_coef > 0:
         reference, _, _ = modeling.load(model_name, device)
         reference.eval().requires_grad_(False)
-    if args.freeze_vision:
-        policy.model.visual.requires_grad_(False)
-    if args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda":
-        policy.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
+    optimizer = prepare_policy(policy, args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     torch.manual_seed(args.seed)
     step = load_trainer_state(out_dir, optimizer, generator, rank, world_size) if args.resume else 0
