@@ -20,9 +20,11 @@ The small JSON helpers here are shared with the VQA-RAD loader.
 """
 
 import json
+from collections import Counter
 from pathlib import Path
 
 SPLITS = ("train", "validate", "test")
+SYNTHETIC_SPLITS = SPLITS + ("dev",)  # the synthetic benchmark (SLAKE format) adds a target-domain dev split
 LANGS = ("en", "zh", "all")
 REQUIRED_FIELDS = ("img_name", "question", "answer", "q_lang", "answer_type", "qid")
 
@@ -35,12 +37,17 @@ def read_json_list(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"annotation file {path} is empty (no JSON at all)")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"annotation file {path} is not valid JSON: {err}") from err
     if not isinstance(entries, list):
         raise ValueError(f"annotation file {path} must hold a JSON list, found {type(entries).__name__}")
+    if not entries:
+        raise ValueError(f"annotation file {path} is empty: its list holds no questions")
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"annotation file {path}: entry {index} is a {type(entry).__name__}, expected an object")
@@ -79,28 +86,28 @@ def answer_as_text(value, path, index):
 # -----------------------------------------------------------------------------
 # the loader
 
-def check_split_and_lang(split, lang):
-    if split not in SPLITS:
-        raise ValueError(f"slake: unknown split {split!r}, expected one of {SPLITS}")
+def check_split_and_lang(split, lang, splits=SPLITS):
+    if split not in splits:
+        raise ValueError(f"slake: unknown split {split!r}, expected one of {splits}")
     if lang not in LANGS:
         raise ValueError(f"slake: unknown lang {lang!r}, expected one of {LANGS}")
 
 
-def load(root, split, lang="en"):
+def load(root, split, lang="en", splits=SPLITS):
     """Records of one SLAKE split, and the annotation file they came from.
 
     Answers and questions are kept verbatim (SLAKE has e.g. 'Transverse  Plane' with
     two spaces); normalisation is the evaluator's job. A null answer (an unlabeled
     copy of the split) loads as None.
     """
-    check_split_and_lang(split, lang)
+    check_split_and_lang(split, lang, splits)
     root = Path(root)
     path = root / f"{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"slake: annotation file {path} does not exist "
                                 f"(expected the official layout <root>/{split}.json + <root>/imgs/)")
-    records = []
-    for index, entry in enumerate(read_json_list(path)):
+    records, entries = [], read_json_list(path)
+    for index, entry in enumerate(entries):
         require_fields(entry, REQUIRED_FIELDS, path, index)
         if lang != "all" and entry["q_lang"] != lang:
             continue
@@ -111,4 +118,15 @@ def load(root, split, lang="en"):
             "answer_type": normalize_answer_type(entry["answer_type"], path, index),
             "qid": entry["qid"],
         })
+    check_some_in_lang(records, entries, lang, path)
     return records, path
+
+
+def check_some_in_lang(records, entries, lang, path):
+    """An empty split says why: which languages the file does have, and the --lang that reads them."""
+    if records:
+        return
+    counts = Counter(str(entry["q_lang"]) for entry in entries)
+    have = ", ".join(f"{name} {n}" for name, n in counts.most_common())
+    options = " or ".join(f"--lang {name}" for name in ("all", *counts) if name in LANGS)
+    raise ValueError(f"slake: {path} has no questions with q_lang {lang!r} (it has: {have}); use {options}")
