@@ -21,20 +21,14 @@ prompt, the next text position is one past the largest position used so far, not
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+
+from data import open_image  # re-exported: rollout.open_image is the reader every stage uses
 
 DEFAULT_PROMPT_SUFFIX = " Answer the question using a single word or phrase."
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Inputs
-
-
-def open_image(path):
-    try:
-        return Image.open(path).convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def build_inputs(tokenizer, image_processor, records, prompt_suffix=DEFAULT_PROMPT_SUFFIX, device="cpu"):

@@ -43,6 +43,8 @@ def read_qa_pickle(path):
             raise ValueError(f"path_vqa: cannot read {path} as a plain-data pickle: {err}") from err
     if not isinstance(entries, list):
         raise ValueError(f"path_vqa: {path} must hold a list, found {type(entries).__name__}")
+    if not entries:
+        raise ValueError(f"path_vqa: {path} is empty: its list holds no questions")
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"path_vqa: {path}: entry {index} is a {type(entry).__name__}, expected a dict")

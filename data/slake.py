@@ -54,6 +54,11 @@ def read_json_list(path):
     return entries
 
 
+def count_text(values):
+    """'zh 1033, en 2': how often each value occurs, most common first (for messages on empty splits)."""
+    return ", ".join(f"{value} {n}" for value, n in Counter(str(v) for v in values).most_common())
+
+
 def require_fields(entry, fields, path, index):
     """Raise if an annotation entry lacks one of the fields we read."""
     for field in fields:
@@ -126,7 +131,7 @@ def check_some_in_lang(records, entries, lang, path):
     """An empty split says why: which languages the file does have, and the --lang that reads them."""
     if records:
         return
-    counts = Counter(str(entry["q_lang"]) for entry in entries)
-    have = ", ".join(f"{name} {n}" for name, n in counts.most_common())
-    options = " or ".join(f"--lang {name}" for name in ("all", *counts) if name in LANGS)
-    raise ValueError(f"slake: {path} has no questions with q_lang {lang!r} (it has: {have}); use {options}")
+    langs = [entry["q_lang"] for entry in entries]
+    options = " or ".join(f"--lang {name}" for name in LANGS[::-1] if name == "all" or name in langs)
+    raise ValueError(f"slake: {path} has no questions with q_lang {lang!r} "
+                     f"(it has: {count_text(langs)}); use {options}")

@@ -23,7 +23,7 @@ only English questions. answer_type is stored with stray spaces/lowercase
 
 from pathlib import Path
 
-from .slake import answer_as_text, normalize_answer_type, read_json_list, require_fields
+from .slake import answer_as_text, count_text, normalize_answer_type, read_json_list, require_fields
 
 SPLITS = ("train", "test")
 OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
@@ -55,12 +55,17 @@ def to_record(entry, image_dir, path, index):
 def load_official(root, split):
     """Layout (a): one JSON, split by phrase_type."""
     path = root / OFFICIAL_JSON
-    records = []
-    for index, entry in enumerate(read_json_list(path)):
+    records, entries = [], read_json_list(path)
+    for index, entry in enumerate(entries):
         require_fields(entry, ("phrase_type",), path, index)
         is_test = entry["phrase_type"] in TEST_PHRASE_TYPES
         if is_test == (split == "test"):
             records.append(to_record(entry, root / OFFICIAL_IMAGES, path, index))
+    if not records:
+        rule = "one of" if split == "test" else "none of"
+        raise ValueError(f"vqa_rad: {path} has no {split} questions: the {split} split is the entries whose "
+                         f"phrase_type is {rule} {TEST_PHRASE_TYPES}, and the file has phrase_types: "
+                         f"{count_text(entry['phrase_type'] for entry in entries)}")
     return records, path
 
 

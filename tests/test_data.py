@@ -8,7 +8,10 @@ import pickle
 import random
 import re
 import string
+import subprocess
 import sys
+import time
+import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -437,3 +440,118 @@ def test_paraphrase_draws_canonical_half_the_time():
     assert 0.45 <= draws["left lung"] / 4000 <= 0.55
     with pytest.raises(ValueError, match="'pneumothorax'"):
         synthetic.paraphrase("pneumothorax", rng)
+
+
+# -----------------------------------------------------------------------------
+# images: 16-bit scans windowed, unreadable files named, a split checked before any model loads
+
+def gradient_16bit(path, mode="I;16"):
+    """A 4 x 256 greyscale gradient whose column k holds 1000 + 100 k (1000 ... 26500), saved in `mode`."""
+    pixels = np.tile(1000 + 100 * np.arange(256), (4, 1))
+    dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4", "F": "<f4"}[mode]
+    image = Image.frombytes(mode, (256, 4), pixels.astype(dtype).tobytes())
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif"), ("F", ".tif")])
+def test_open_image_windows_high_bit_depth_min_max(tmp_path, mode, suffix):
+    path = gradient_16bit(tmp_path / f"scan{suffix}", mode)
+    assert Image.open(path).mode == mode
+    if mode == "I;16":  # the bug: PIL alone clips every pixel to white
+        assert np.asarray(Image.open(path).convert("RGB")).min() == 255
+    pixels = np.asarray(data.open_image(path))
+    assert pixels.shape == (4, 256, 3) and pixels.dtype == np.uint8
+    # by hand: min 1000, max 26500, so (1000 + 100 k - 1000) * 255 / 25500 = k exactly
+    assert (pixels == np.arange(256)[None, :, None]).all()
+
+
+def test_window_rounds_and_constant_image_is_black(tmp_path):
+    assert data.images.window_to_8bit(np.array([[100, 101, 103, 102]], dtype=np.uint16)).tolist() == [[0, 85, 255, 170]]
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero
+        assert np.asarray(data.open_image(path)).max() == 0
+
+
+def test_open_image_keeps_8bit_images_and_names_unreadable_files(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert (np.asarray(data.open_image(tmp_path / "rgb.png")) == rgb).all()
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    assert (np.asarray(data.open_image(tmp_path / "grey.png")) == rgb[..., :1]).all()
+    nan = np.ones((4, 4), dtype=np.float32)
+    nan[1, 2] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    (tmp_path / "text.png").write_bytes(b"not an image")
+    noisy = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 65535, (64, 64), dtype=np.uint16)).save(noisy)
+    (tmp_path / "truncated.png").write_bytes(noisy.read_bytes()[:4000])
+    for name, reason in [("nan.tif", "NaN"), ("text.png", "cannot identify"), ("truncated.png", "truncated"),
+                         ("missing.png", "No such file")]:
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + ".*" + reason):
+            data.open_image(tmp_path / name)
+
+
+def test_check_images_open_names_corrupt_file_and_qid(slake_root):
+    records = data.load_split("slake", slake_root, "test")  # the file exists, so loading passes
+    assert data.check_images_open(records, slake_root / "test.json") == 2
+    bad = slake_root / "imgs" / "xmlab2" / "source.jpg"
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(ValueError, match=re.escape(f"1 of 2 images cannot be read (listed in {slake_root / 'test.json'})")
+                       + r"(.|\n)*qid 12: cannot read image " + re.escape(str(bad))):
+        data.check_images_open(data.load_split("slake", slake_root, "test"), slake_root / "test.json")
+
+
+def test_check_images_open_needs_no_model_and_takes_seconds(tmp_path):
+    """1000 small images are decoded in well under a minute, with nothing but data/ (no torch) imported."""
+    records = []
+    for i in range(1000):
+        path = tmp_path / f"img{i}.png"
+        Image.new("L", (16, 16), i % 256).save(path)
+        records.append({"image": str(path), "qid": i})
+    (tmp_path / "img7.png").write_bytes(b"corrupt")
+    script = ("import json, sys, time; import data; records = json.load(sys.stdin); start = time.time()\n"
+              "try:\n    data.check_images_open(records, 'test.json')\n"
+              "except ValueError as err:\n    print(err)\n"
+              "print(f'{time.time() - start:.2f}', 'torch' in sys.modules)")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(records), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "1 of 1000 images cannot be read (listed in test.json):"
+    assert lines[1].startswith(f"  qid 7: cannot read image {tmp_path / 'img7.png'}")
+    seconds, torch_loaded = lines[-1].split()
+    assert torch_loaded == "False" and float(seconds) < 20 and time.time() - start < 60
+
+
+# -----------------------------------------------------------------------------
+# an empty split says why
+
+def test_chinese_only_split_with_lang_en_says_why(slake_root):
+    path = slake_root / "test.json"
+    write_json(path, [slake_entry(20, 1, "这是什么?", "CT", "OPEN", lang="zh"),
+                      slake_entry(21, 2, "肺健康吗?", "否", "CLOSED", lang="zh")])
+    with pytest.raises(ValueError, match=re.escape(f"slake: {path} has no questions with q_lang 'en' "
+                                                   "(it has: zh 2); use --lang all or --lang zh")):
+        data.load_split("slake", slake_root, "test", lang="en")
+    assert [r["qid"] for r in data.load_split("slake", slake_root, "test", lang="zh")] == [20, 21]
+
+
+def test_empty_annotation_files_say_so(tmp_path, slake_root):
+    path = slake_root / "test.json"
+    for text in ("[]", "  \n"):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(f"annotation file {path} is empty")):
+            data.load_split("slake", slake_root, "test")
+    qa = tmp_path / "pvqa" / "qas" / "test" / "test_qa.pkl"
+    qa.parent.mkdir(parents=True)
+    qa.write_bytes(pickle.dumps([]))
+    with pytest.raises(ValueError, match=re.escape(f"path_vqa: {qa} is empty")):
+        data.load_split("path_vqa", tmp_path, "test")
+    rad = tmp_path / "vqa_rad"
+    write_json(rad / "VQA_RAD Dataset Public.json", VQA_RAD_ENTRIES[:2])  # no test_freeform / test_para entry
+    with pytest.raises(ValueError, match=re.escape(f"vqa_rad: {rad / 'VQA_RAD Dataset Public.json'} has no test "
+                                                   "questions") + ".*freeform 1, para 1"):
+        data.load_split("vqa_rad", rad, "test")

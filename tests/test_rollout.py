@@ -1,6 +1,8 @@
 """rollout.py against transformers' own code: input building, greedy == generate, sampling, teacher forcing."""
 
+import numpy as np
 import torch
+from PIL import Image
 
 import rollout
 
@@ -108,3 +110,19 @@ def test_teacher_forced_logits_match_full_forward(tiny, image_records):
         torch.testing.assert_close(from_hidden, full.logits[0, n_prompt : n_prompt + n_answer - 1], rtol=1e-4, atol=1e-4)
     assert logits.shape[:2] == (len(records) * G, T) and hidden.shape[:2] == (len(records) * G, T)
     assert hidden.shape[2] == model.config.text_config.hidden_size and L > 0
+
+
+def test_16bit_scan_keeps_its_gradient_through_build_inputs(tiny, image_records, tmp_path):
+    """A 16-bit greyscale PNG (as exported from DICOM) reaches the vision tower as a gradient, not all white."""
+    model, tokenizer, image_processor = tiny
+    scan = tmp_path / "scan16.png"
+    Image.fromarray(np.tile(np.linspace(2000, 14000, 56).astype(np.uint16), (56, 1))).save(scan)
+    white = tmp_path / "white.png"
+    Image.new("RGB", (56, 56), (255, 255, 255)).save(white)
+    pixels = np.asarray(rollout.open_image(scan))  # the reader every stage uses, re-exported from data
+    assert pixels[:, 0].max() == 0 and pixels[:, -1].min() == 255 and (np.diff(pixels[0, :, 0].astype(int)) >= 0).all()
+    records = [dict(image_records[0], image=str(scan)), dict(image_records[0], image=str(white))]
+    prompt = rollout.build_inputs(tokenizer, image_processor, records)
+    per_image = prompt["pixel_values"].view(2, -1, prompt["pixel_values"].shape[-1])
+    spread = (per_image - per_image[:, :1]).abs().amax(dim=(1, 2))  # how much the patches of one image differ
+    assert spread[0] > 0.5 and spread[1] < 1e-6  # a gradient, and the flat white image it used to become
