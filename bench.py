@@ -22,7 +22,7 @@ the sampler, with the GPU synchronized before the clock is read.
     python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda
     python bench.py --qwen-3b-random --device cuda                          # 3B architecture, random weights
 
---qwen-3b-random builds Qwen2.5-VL-3B-Instruct's architecture (its public config, written out below)
+--qwen-3b-random builds Qwen2.5-VL-3B-Instruct's architecture (its public config, written out in memory.py)
 with random weights, with no download. It borrows a small locally trained tokenizer, so the
 special-token ids are remapped to that tokenizer's: only speed and memory mean anything there.
 """
@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
+from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
 import data
+import memory
 import model as modeling
 import rollout
 import train
@@ -153,57 +154,11 @@ def synthetic_test_records(n):
     return records[:n]
 
 
-def qwen25_vl_3b_config(tokenizer, layers=0):
-    """Qwen/Qwen2.5-VL-3B-Instruct's config.json, written out; special-token ids taken from `tokenizer`.
-
-    layers > 0 keeps only that many text layers and vision blocks (a cheap check of the code path).
-    """
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in modeling.SPECIAL_TOKENS}  # Qwen's: 151643...151656
-    text_layers, vision_depth = (layers, layers) if layers else (36, 32)
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=text_layers,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            hidden_act="silu",
-            max_position_embeddings=128000,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            use_sliding_window=False,
-            tie_word_embeddings=True,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            hidden_act="silu",
-            out_hidden_size=2048,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31] if not layers else [layers - 1],
-            tokens_per_second=2,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-
-
 def build_random_qwen_3b(records, device, layers=0):
     """(model, tokenizer, image_processor): random 3B weights built on the device, bf16 on GPU, fp32 on CPU."""
     tokenizer = modeling.train_tokenizer(modeling.tokenizer_corpus(records))
-    config = qwen25_vl_3b_config(tokenizer, layers)
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in memory.QWEN_TOKEN_IDS}  # remapped to the local ones
+    config = memory.qwen25_vl_config("3B", layers, token_ids)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):  # initialise the weights where they will live: no 15 GB fp32 copy on the host
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)

@@ -1,0 +1,89 @@
+"""Tests for memory.py: the plan against hand-computed bytes, parameter counts of meta-device models."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import memory
+
+# ----------------------------------------------------------------------------------------------
+# The plan, by hand: n = 1000 parameters, t = 600 trainable, 4 processes
+
+
+N, T, W = 1000, 600, 4
+
+
+@pytest.mark.parametrize("dtype, sharded, reference, expected", [
+    # master 4n/4, grads 4t/4, AdamW 8t/4, bf16 compute 2n, bf16 reference 2n
+    ("bfloat16", True, True, [1000, 600, 1200, 2000, 2000]),
+    ("bfloat16", True, False, [1000, 600, 1200, 2000, 0]),
+    # unsharded: master 4n, grads 4t, AdamW 8t, bf16 compute 2n, reference 2n
+    ("bfloat16", False, True, [4000, 2400, 4800, 2000, 2000]),
+    ("bfloat16", False, False, [4000, 2400, 4800, 2000, 0]),
+    # fp32 sharded: the gathered fp32 copy 4n, fp32 reference 4n
+    ("float32", True, True, [1000, 600, 1200, 4000, 4000]),
+    ("float32", True, False, [1000, 600, 1200, 4000, 0]),
+    # fp32 unsharded: the masters are the compute weights, no copy
+    ("float32", False, True, [4000, 2400, 4800, 0, 4000]),
+    ("float32", False, False, [4000, 2400, 4800, 0, 0]),
+])
+def test_memory_plan_hand_computed(dtype, sharded, reference, expected):
+    plan = memory.memory_plan(N, T, W, dtype, sharded, reference)
+    assert [plan[key] for key in memory.PLAN_KEYS] == expected
+    assert plan["total"] == sum(expected)
+    assert set(plan) == {*memory.PLAN_KEYS, "total"}
+
+
+def test_memory_plan_one_process_sharded_equals_unsharded_in_bf16():
+    assert memory.memory_plan(N, T, 1, "bfloat16", True, True) == memory.memory_plan(N, T, 1, "bfloat16", False, True)
+    with pytest.raises(ValueError, match="float16"):
+        memory.memory_plan(N, T, 1, "float16", True, True)
+
+
+def test_format_plan_says_what_is_left_out():
+    plan = memory.memory_plan(2**30, 2**30, 4, "bfloat16", True, True)
+    text = memory.format_plan(plan, 4, dtype="bfloat16", sharded=True)
+    assert text.startswith("memory per rank (4 processes, bfloat16, FSDP2): master weights 1.0 GiB, gradients 1.0 GiB")
+    assert "total 8.0 GiB" in text and "activations, KV cache" in text and "not included" in text
+    assert "GB" in memory.format_plan(plan, 4, gib=False) and "GiB" not in memory.format_plan(plan, 4, gib=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts on the meta device
+
+
+def test_count_parameters_tiny_meta_model_counts_tied_weights_once():
+    config = memory.qwen25_vl_config("3B")
+    config.text_config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=151936))
+    config.vision_config.update(dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                     fullatt_block_indexes=[1]))
+    config.text_config.rope_parameters["mrope_section"] = [4, 2, 2]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied, as Qwen's 3B
+    distinct = {id(p): p for p in model.parameters()}.values()
+    assert memory.count_parameters(model) == {"total": sum(p.numel() for p in distinct),
+                                              "trainable": sum(p.numel() for p in distinct)}
+    # the shared matrix once: counting both modules' weights would add vocab x hidden
+    per_module = sum(p.numel() for m in model.modules() for p in m.parameters(recurse=False))
+    assert per_module == memory.count_parameters(model)["total"] + 151936 * 64
+    model.model.visual.requires_grad_(False)
+    counts = memory.count_parameters(model)
+    assert counts["trainable"] == counts["total"] - sum(p.numel() for p in model.model.visual.parameters())
+
+
+@pytest.mark.parametrize("size, public, exact", [("3B", 3.75e9, 3_754_622_976), ("7B", 8.29e9, 8_292_166_656)])
+def test_real_configurations_match_public_parameter_counts(size, public, exact):
+    counts = memory.count_parameters(memory.meta_model(size))
+    assert counts["total"] == counts["trainable"] == exact
+    assert abs(exact - public) / public < 0.01  # Hugging Face lists 3.75B and 8.29B
+
+
+def test_config_layers_and_token_ids():
+    config = memory.qwen25_vl_config("7B", layers=2, token_ids={"<|image_pad|>": 7})
+    assert config.text_config.num_hidden_layers == config.vision_config.depth == 2
+    assert config.vision_config.fullatt_block_indexes == [1]
+    assert config.image_token_id == 7 and config.video_token_id == 151656
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size == 3584
+    assert not config.tie_word_embeddings and memory.qwen25_vl_config("3B").tie_word_embeddings
