@@ -45,6 +45,7 @@ import data
 import memory
 import model as modeling
 import rollout
+import tiny
 import train
 
 GROUP_SIZES = (1, 8)  # sampler comparison
@@ -148,7 +149,7 @@ def generated_records(folder, n, image_size, seed):
 
 
 def synthetic_test_records(n):
-    records = data.load_split("synthetic", modeling.ensure_synthetic(), "test")
+    records = data.load_split("synthetic", tiny.ensure_synthetic(), "test")
     if len(records) < n:
         raise SystemExit(f"--questions {n}: the synthetic test split has only {len(records)} questions")
     return records[:n]
@@ -156,7 +157,7 @@ def synthetic_test_records(n):
 
 def build_random_qwen_3b(records, device, layers=0):
     """(model, tokenizer, image_processor): random 3B weights built on the device, bf16 on GPU, fp32 on CPU."""
-    tokenizer = modeling.train_tokenizer(modeling.tokenizer_corpus(records))
+    tokenizer = tiny.train_tokenizer(tiny.tokenizer_corpus(records))
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in memory.QWEN_TOKEN_IDS}  # remapped to the local ones
     config = memory.qwen25_vl_config("3B", layers, token_ids)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -179,14 +180,14 @@ def model_and_records(args, device, scratch):
         return model, tokenizer, image_processor, records, description
     if args.random_tiny:
         records = generated_records(scratch, args.questions, args.image_size, args.seed)
-        folder = modeling.build_random_tiny(Path(scratch) / "random-tiny", modeling.tokenizer_corpus(records), seed=args.seed,
-                                            hidden=128, layers=4, heads=4, vision_hidden=128)
+        folder = tiny.build_random_tiny(Path(scratch) / "random-tiny", tiny.tokenizer_corpus(records), seed=args.seed,
+                                        hidden=128, layers=4, heads=4, vision_hidden=128)
         description = "random-weight tiny Qwen2.5-VL (hidden 128, 4 layers, the tiny base's size)"
         return (*modeling.load(folder, device), records, description)
     records = synthetic_test_records(args.questions) if args.model == "tiny" else \
         generated_records(scratch, args.questions, args.image_size, args.seed)
     description = "tiny base model (warm-started)" if args.model == "tiny" else args.model
-    return (*modeling.load(modeling.resolve_model(args.model), device), records, description)
+    return (*modeling.load(tiny.resolve_model(args.model), device), records, description)
 
 
 # ----------------------------------------------------------------------------------------------

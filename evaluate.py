@@ -41,7 +41,15 @@ from pathlib import Path
 
 import torch
 
+import centroid
+import data
+import model as modeling
+import rollout
 from reward import normalize_answer
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SYNTHETIC_DIR = ARTIFACTS / "synthetic"  # the offline benchmark (tiny.SYNTHETIC_DIR), written by `python tiny.py`
+TINY_BASE_DIR = ARTIFACTS / "tiny-base"  # the offline base model (tiny.TINY_BASE_DIR), built by `python tiny.py`
 
 NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -165,8 +173,6 @@ def format_table(scores):
 
 def predict(model, tokenizer, image_processor, records, batch_size=32, prompt_suffix=None, max_new_tokens=16):
     """Greedy answers for records, in order."""
-    import rollout
-
     suffix = rollout.DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix
     return rollout.generate_answers(model, tokenizer, image_processor, records, batch_size=batch_size,
                                     prompt_suffix=suffix, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -188,9 +194,6 @@ def write_predictions(path, records, preds):
 def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size=8, temperature=1.0,
                           max_new_tokens=16, batch_size=8, seed=0):
     """Score of the majority answer and of the FPL answer among G samples per question (no training)."""
-    import centroid
-    import rollout
-
     generator = torch.Generator(device=model.device).manual_seed(seed)
     majority, fpl = [], []
     for start in range(0, len(records), batch_size):
@@ -206,31 +209,39 @@ def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size
     return score_predictions(records, majority), score_predictions(records, fpl)
 
 
-def report_base_model(model_dir, data_root, samples=8, seed=0):
-    """The numbers README records for the tiny base model on the synthetic target split."""
-    import data
-    import model as modeling
+def percent_scores(scores):
+    """{"overall", "open_recall", "closed_acc"} of score_predictions() output, in percent (2 decimals)."""
+    return {key: None if scores[key] is None else round(100 * scores[key], 2)
+            for key in ("overall", "open_recall", "closed_acc")}
 
-    model, tokenizer, image_processor = modeling.load(model_dir)
-    records = data.load_split("synthetic", data_root, "test")
-    greedy = score_predictions(records, predict(model, tokenizer, image_processor, records))
-    majority, fpl = pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size=samples, seed=seed)
-    for name, scores in [("greedy", greedy), (f"majority of {samples} samples", majority), (f"FPL pick of {samples} samples", fpl)]:
-        print(f"tiny base model on synthetic/test, {name}\n{format_table(scores)}")
-    return greedy, majority, fpl
+
+def report_base_model(model_dir, data_root, samples=8, seed=0, splits=("validate", "test")):
+    """The base model before any adaptation: greedy on the source `validate` split; greedy, majority and
+    FPL of `samples` answers at T = 1 on the target split (splits[1]). Scores in percent."""
+    model, tokenizer, image_processor = modeling.load(model_dir, device="cpu")
+    source = data.load_split("synthetic", data_root, splits[0])
+    target = data.load_split("synthetic", data_root, splits[1])
+    report = {"source_validate": {"greedy": score_predictions(source, predict(model, tokenizer, image_processor, source))},
+              "target_test": {"greedy": score_predictions(target, predict(model, tokenizer, image_processor, target))}}
+    majority, fpl = pseudo_label_accuracy(model, tokenizer, image_processor, target, group_size=samples, seed=seed)
+    report["target_test"].update(majority=majority, fpl=fpl)
+    for domain, entries in report.items():
+        for name, scores in entries.items():
+            print(f"{model_dir} on synthetic {domain}, {name}\n{format_table(scores)}")
+            entries[name] = percent_scores(scores)
+    report["n_questions"] = {"source_validate": len(source), "target_test": len(target)}
+    report["samples"], report["temperature"] = samples, 1.0
+    return report
 
 
 def main():
-    import data
-    import model as modeling
-    import rollout
-
     parser = argparse.ArgumentParser(description="Greedy answers on a split, scored with open recall and closed accuracy.")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
     parser.add_argument("--data-root", default=None, help="dataset folder (default for synthetic: artifacts/synthetic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--lang", default="en", help="SLAKE language subset: en or all")
-    parser.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model")
+    parser.add_argument("--model", default=str(TINY_BASE_DIR),
+                        help="hub name or folder (default: the offline tiny base model, built by python tiny.py)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--prompt-suffix", default=rollout.DEFAULT_PROMPT_SUFFIX)
@@ -238,9 +249,8 @@ def main():
     args = parser.parse_args()
     if args.dataset != "synthetic" and args.data_root is None:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root")
-    data_root = args.data_root or modeling.ensure_synthetic()
-    records = data.load_split(args.dataset, data_root, args.split, lang=args.lang)
-    model, tokenizer, image_processor = modeling.load(modeling.resolve_model(args.model))
+    records = data.load_split(args.dataset, args.data_root or SYNTHETIC_DIR, args.split, lang=args.lang)
+    model, tokenizer, image_processor = modeling.load(args.model)
     preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix, args.max_new_tokens)
     print(format_table(score_predictions(records, preds)))
     out = args.out or f"predictions_{args.dataset}_{args.split}.jsonl"

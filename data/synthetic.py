@@ -10,11 +10,12 @@ on-disk format so that data/slake.py reads it:
     OUT/imgs/xmlab0/source.jpg         one 112x112 greyscale scan (stored as RGB JPEG)
     OUT/imgs/xmlab0/detection.json     SLAKE-style boxes: [{"liver": [x, y, w, h]}, ...]
     OUT/train.json                     source domain, labels used only to warm-start
-    OUT/validate.json                  small held-out split, source domain
-    OUT/test.json                      target domain: the unlabeled set Med-Evo adapts to
+    OUT/validate.json                  held-out split, source domain (does the base model see?)
+    OUT/test.json                      target domain: the unlabeled set Med-Evo adapts to (reported tables only)
+    OUT/dev.json                       target domain, other images: for choosing adaptation hyperparameters
     OUT/generator.json                 the arguments that produced the folder
 
-    python -m data.synthetic --out DIR --seed 0 [--n-source-images 300 --n-target-images 60 ...]
+    python -m data.synthetic --out DIR --seed 0 [--n-source-images 3000 --n-target-images 144 ...]
 
 The world. Six scan types: chest X-Ray, chest CT, abdomen CT, abdomen MRI, head
 CT, head MRI. Each modality has its own look, as real scans do:
@@ -44,7 +45,7 @@ answers vary in form as a real model's do).
 
 Domains. Every image has its own patient size/position (scale, shift). Source
 images (train, validate) use each modality's base look with +-10% contrast and
-gamma jitter and mild noise. Target images (test) come from a different
+gamma jitter and mild noise. Target images (test, dev) come from a different
 "scanner": anatomy about 5% larger (smaller field of view), a gamma curve and a
 raised black level (washed-out contrast), more blur and about 3x the noise.
 Findings stay visible, so the questions remain answerable. Calibration (a 1-block
@@ -98,6 +99,14 @@ P_MISSING_KIDNEY = 0.2
 SOURCE_SCALE = (0.90, 1.02)  # patient size / field of view, per image
 TARGET_SCALE = (1.00, 1.08)  # the target scanner's smaller field of view: anatomy looks ~5% larger
 MAX_SHIFT = 0.03  # patient position in the field of view
+
+# the benchmark's size (the defaults of write_synthetic and of the CLI)
+N_SOURCE_IMAGES = 3000  # train: labelled, source scanner, used only by the warm start
+N_VALIDATE_IMAGES = 100  # validate: held out, source scanner
+N_TARGET_IMAGES = 144  # test: the unlabeled target-scanner split Med-Evo adapts to (>= 7 x 144 = 1008 questions)
+N_DEV_IMAGES = 144  # dev: target scanner, other images, for choosing adaptation hyperparameters
+IMAGE_SIZE = 112
+SPLITS = ("train", "validate", "test", "dev")
 
 # intensities in [0, 1] of each structure, per scan type
 PALETTE = {
@@ -632,13 +641,15 @@ def paraphrase(answer, rng):
 # -----------------------------------------------------------------------------
 # writing the benchmark folder
 
-def split_plan(n_source_images, n_validate_images, n_target_images):
-    """[(split, domain, img_ids)]: train and validate from the source scanner, test from the target one."""
+def split_plan(n_source_images, n_validate_images, n_target_images, n_dev_images):
+    """[(split, domain, img_ids)]: train and validate from the source scanner, test and dev from the target one."""
     n_train_end = n_source_images
     n_val_end = n_train_end + n_validate_images
+    n_test_end = n_val_end + n_target_images
     return [("train", "source", range(0, n_train_end)),
             ("validate", "source", range(n_train_end, n_val_end)),
-            ("test", "target", range(n_val_end, n_val_end + n_target_images))]
+            ("test", "target", range(n_val_end, n_test_end)),
+            ("dev", "target", range(n_test_end, n_test_end + n_dev_images))]
 
 
 def write_image(folder, scene, seed, image_size):
@@ -649,9 +660,9 @@ def write_image(folder, scene, seed, image_size):
     (folder / "detection.json").write_text(json.dumps(detection_boxes(scene, image_size)), encoding="utf-8")
 
 
-def write_contents(folder, seed, n_source_images, n_validate_images, n_target_images, image_size):
+def write_contents(folder, seed, n_source_images, n_validate_images, n_target_images, n_dev_images, image_size):
     qid = 0
-    for split, domain, img_ids in split_plan(n_source_images, n_validate_images, n_target_images):
+    for split, domain, img_ids in split_plan(n_source_images, n_validate_images, n_target_images, n_dev_images):
         records = []
         for img_id in img_ids:
             scene = make_scene(seed, img_id, domain)
@@ -662,8 +673,9 @@ def write_contents(folder, seed, n_source_images, n_validate_images, n_target_im
             records += new
         (folder / f"{split}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     config = {"generator": "data.synthetic", "seed": seed, "n_source_images": n_source_images,
-              "n_validate_images": n_validate_images, "n_target_images": n_target_images, "image_size": image_size,
-              "domains": {"train": "source", "validate": "source", "test": "target"}}
+              "n_validate_images": n_validate_images, "n_target_images": n_target_images,
+              "n_dev_images": n_dev_images, "image_size": image_size,
+              "domains": {"train": "source", "validate": "source", "test": "target", "dev": "target"}}
     (folder / "generator.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
 
 
@@ -673,12 +685,13 @@ def check_counts(**counts):
             raise ValueError(f"synthetic: {flag} must be a positive integer, got {value!r}")
 
 
-def write_synthetic(out_dir, seed=0, n_source_images=300, n_target_images=60, image_size=112, n_validate_images=30):
+def write_synthetic(out_dir, seed=0, n_source_images=N_SOURCE_IMAGES, n_target_images=N_TARGET_IMAGES,
+                    image_size=IMAGE_SIZE, n_validate_images=N_VALIDATE_IMAGES, n_dev_images=N_DEV_IMAGES):
     """Write the benchmark folder `out_dir` (must not exist yet) and return its Path."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"synthetic: seed must be a non-negative integer, got {seed!r}")
     check_counts(n_source_images=n_source_images, n_target_images=n_target_images,
-                 n_validate_images=n_validate_images, image_size=image_size)
+                 n_validate_images=n_validate_images, n_dev_images=n_dev_images, image_size=image_size)
     if image_size < 28:
         raise ValueError(f"synthetic: image_size must be at least 28 (two 14-px patches), got {image_size}")
     out_dir = Path(out_dir)
@@ -687,7 +700,7 @@ def write_synthetic(out_dir, seed=0, n_source_images=300, n_target_images=60, im
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        write_contents(partial, seed, n_source_images, n_validate_images, n_target_images, image_size)
+        write_contents(partial, seed, n_source_images, n_validate_images, n_target_images, n_dev_images, image_size)
         partial.chmod(0o755)  # mkdtemp makes it private
         os.rename(partial, out_dir)
     except BaseException:
@@ -700,15 +713,18 @@ def main():
     parser = argparse.ArgumentParser(description="Write the synthetic medical-VQA benchmark (SLAKE format).")
     parser.add_argument("--out", required=True, help="folder to create (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-source-images", type=int, default=300, help="train images (source scanner)")
-    parser.add_argument("--n-validate-images", type=int, default=30, help="validate images (source scanner)")
-    parser.add_argument("--n-target-images", type=int, default=60, help="test images (target scanner)")
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--n-source-images", type=int, default=N_SOURCE_IMAGES, help="train images (source scanner)")
+    parser.add_argument("--n-validate-images", type=int, default=N_VALIDATE_IMAGES,
+                        help="validate images (source scanner)")
+    parser.add_argument("--n-target-images", type=int, default=N_TARGET_IMAGES, help="test images (target scanner)")
+    parser.add_argument("--n-dev-images", type=int, default=N_DEV_IMAGES,
+                        help="dev images (target scanner): for choosing adaptation hyperparameters")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     args = parser.parse_args()
     out = write_synthetic(args.out, seed=args.seed, n_source_images=args.n_source_images,
                           n_target_images=args.n_target_images, image_size=args.image_size,
-                          n_validate_images=args.n_validate_images)
-    for split in ("train", "validate", "test"):
+                          n_validate_images=args.n_validate_images, n_dev_images=args.n_dev_images)
+    for split in SPLITS:
         load_split("synthetic", out, split)
 
 

@@ -21,10 +21,10 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-weight tiny Qwen2.5-VL written with save_pretrained (built once per test session)."""
-    import model
+    import tiny
 
     out = tmp_path_factory.mktemp("tiny-random")
-    return model.build_random_tiny(out, CORPUS, seed=0, hidden=64, layers=2, heads=4, vision_hidden=32, init_std=0.5)
+    return tiny.build_random_tiny(out, CORPUS, seed=0, hidden=64, layers=2, heads=4, vision_hidden=32, init_std=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -247,7 +247,7 @@ def test_path_vqa_refuses_pickles_with_globals(tmp_path):
 # -----------------------------------------------------------------------------
 # synthetic benchmark
 
-SMALL = dict(n_source_images=24, n_validate_images=4, n_target_images=16, image_size=112)
+SMALL = dict(n_source_images=24, n_validate_images=4, n_target_images=16, n_dev_images=4, image_size=112)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_synthetic_is_deterministic(synthetic_root, tmp_path):
     again = synthetic.write_synthetic(tmp_path / "again", seed=0, **SMALL)
     other = synthetic.write_synthetic(tmp_path / "other", seed=1, **SMALL)
     reference = folder_bytes(synthetic_root)
-    assert len(reference) == 3 + 1 + 2 * 44  # 3 splits + generator.json + (jpg, detection.json) per image
+    assert len(reference) == 4 + 1 + 2 * 48  # 4 splits + generator.json + (jpg, detection.json) per image
     assert folder_bytes(again) == reference
     different = folder_bytes(other)
     assert different.keys() == reference.keys()
@@ -397,7 +397,7 @@ def test_synthetic_write_is_atomic(tmp_path, monkeypatch):
         synthetic.write_synthetic(out, seed=0, **SMALL)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial copy is left
     monkeypatch.setattr(synthetic, "write_image", real_write_image)
-    synthetic.write_synthetic(out, seed=0, n_source_images=1, n_validate_images=1, n_target_images=1)
+    synthetic.write_synthetic(out, seed=0, n_source_images=1, n_validate_images=1, n_target_images=1, n_dev_images=1)
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
         synthetic.write_synthetic(out, seed=0)
 
@@ -405,10 +405,11 @@ def test_synthetic_write_is_atomic(tmp_path, monkeypatch):
 def test_synthetic_cli(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli"
     monkeypatch.setattr(sys, "argv", ["synthetic", "--out", str(out), "--seed", "3", "--n-source-images", "2",
-                                      "--n-validate-images", "1", "--n-target-images", "2", "--image-size", "56"])
+                                      "--n-validate-images", "1", "--n-target-images", "2", "--n-dev-images", "1",
+                                      "--image-size", "56"])
     synthetic.main()
     assert json.loads((out / "generator.json").read_text())["seed"] == 3
-    assert sorted(p.name for p in (out / "imgs").iterdir()) == [f"xmlab{i}" for i in range(5)]
+    assert sorted(p.name for p in (out / "imgs").iterdir()) == [f"xmlab{i}" for i in range(6)]
     with Image.open(out / "imgs" / "xmlab4" / "source.jpg") as img:
         assert img.size == (56, 56)
     assert "synthetic/test: " in capsys.readouterr().out

@@ -1,0 +1,291 @@
+"""The offline tiny base model: a real Qwen2.5-VL, scaled down, warm-started on the synthetic source domain.
+
+Med-Evo adapts a competent medical VLM (Qwen2.5-VL-3B/7B) to an unseen domain at test time. Nothing here
+may download, so the project ships an offline stand-in with the same two premises, measured on the base
+model alone before any adaptation runs:
+  1. the model sees: on the source scanner's held-out `validate` split it answers well;
+  2. the shift costs it: on the target scanner's `test` split its greedy answers are clearly worse.
+
+The model is a `Qwen2_5_VLForConditionalGeneration` with a tiny config, a byte-level BPE tokenizer trained
+locally with `tokenizers` (Qwen's special tokens and chat template) and Qwen's own image processor class,
+saved with `save_pretrained` and read back by the same `model.load()` as a hub model. A supervised warm
+start on the labelled source split (answers drawn from paraphrase sets, so that sampled answers vary in
+form as a real model's do) turns the random model into the base model.
+
+    python tiny.py                                   # build (once) artifacts/tiny-base + report.json
+    python tiny.py --seed 1 --out artifacts/tiny-base-seed1
+
+report.json: {"source_validate": {"greedy": S}, "target_test": {"greedy": S, "majority": S, "fpl": S}, ...}
+with S = {"overall", "open_recall", "closed_acc"} in percent; majority / FPL pick one of G = 8 answers
+sampled at T = 1. The build is deterministic on one machine; across CPUs floating point differs (README).
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+import data
+import evaluate
+import model as modeling
+from data.synthetic import IMAGE_SIZE, PARAPHRASES, paraphrase, write_synthetic
+from rollout import DEFAULT_PROMPT_SUFFIX, build_inputs, completion_logits_and_hidden
+
+# artifacts/tiny-base: the warm-started offline model (built once); artifacts/synthetic: the benchmark (seed 0).
+# Defined in evaluate.py, whose CLI defaults to them (evaluate sits below tiny in the import stack).
+TINY_BASE_DIR, SYNTHETIC_DIR = evaluate.TINY_BASE_DIR, evaluate.SYNTHETIC_DIR
+
+# The frozen recipe of the base model (chosen from base-model reports only; README lists the attempts).
+SIZES = dict(hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2)
+WARM_START = dict(steps=3000, batch_size=16, lr=2e-3)
+
+# The premises (README): the base model sees on the source domain, and the target shift costs it.
+MIN_SOURCE_OVERALL, MIN_SOURCE_CLOSED, MIN_SHIFT_COST = 80.0, 75.0, 5.0
+
+# Qwen2's special tokens, in Qwen's order, so the tiny model's prompts look like the real one's.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat format (default system prompt; an image becomes <|vision_start|><|image_pad|><|vision_end|>).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer, config, random init
+
+
+def train_tokenizer(corpus, vocab_size=512):
+    """A byte-level BPE tokenizer (Qwen's kind) with Qwen's special tokens and chat template."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(tokenizer, hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2, init_std=0.02):
+    """A Qwen2.5-VL config scaled down to about a million parameters."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    third = head_dim // 2 // 3  # mrope splits the head_dim/2 rotary frequencies over (t, h, w)
+    mrope_section = [head_dim // 2 - 2 * third, third, third]
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+            initializer_range=init_std,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=4,
+            out_hidden_size=hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[vision_depth - 1],
+            initializer_range=init_std,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        initializer_range=init_std,
+    )
+
+
+def build_random_tiny(out_dir, corpus, seed=0, image_size=IMAGE_SIZE, **sizes):
+    """Write a random-weight tiny Qwen2.5-VL + tokenizer + image processor to out_dir, hub layout."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **sizes))
+    model.generation_config = modeling.qwen_generation_config(tokenizer)
+    # Images of about image_size x image_size: 56x56 .. image_size^2 pixels, in 28-px steps.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=image_size * image_size)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start: supervised training on the synthetic *source* domain
+
+
+def tokenizer_corpus(records):
+    """Text the tiny tokenizer learns its merges from: prompts, paraphrased answers, chat words."""
+    corpus = [r["question"] + DEFAULT_PROMPT_SUFFIX for r in records]
+    corpus += [form for forms in PARAPHRASES.values() for form in forms]
+    corpus += ["system", "user", "assistant", "You are a helpful assistant."]
+    return corpus
+
+
+def answer_batch(tokenizer, answers, device):
+    """Answer token ids + EOS, right-padded: (ids [B, T], mask [B, T])."""
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos_id] for a in answers]
+    width = max(len(a) for a in answer_ids)
+    ids = torch.full((len(answers), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(answers), width, dtype=torch.long)
+    for i, a in enumerate(answer_ids):
+        ids[i, : len(a)] = torch.tensor(a)
+        mask[i, : len(a)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def warm_start(model, tokenizer, image_processor, records, steps=3000, batch_size=16, lr=2e-3, seed=0,
+               log_every=250):
+    """Supervised fine-tuning on labelled source-domain records; answers drawn from paraphrase sets."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:  # linear warmup, cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        batch = rng.sample(records, batch_size)
+        prompt = build_inputs(tokenizer, image_processor, batch, device=model.device)
+        ids, mask = answer_batch(tokenizer, [paraphrase(r["answer"], rng) for r in batch], model.device)
+        logits, _ = completion_logits_and_hidden(model, prompt, ids, mask, group_size=1)
+        loss = torch.nn.functional.cross_entropy(logits.float()[mask.bool()], ids[mask.bool()])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"warm start step {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Built once: the benchmark folder and the base model
+
+
+def ensure_synthetic(root=SYNTHETIC_DIR, seed=0):
+    """The synthetic benchmark folder, written once (deterministic from the seed)."""
+    root = Path(root)
+    if not (root / "generator.json").is_file():
+        print(f"writing the synthetic benchmark to {root} (seed {seed})", flush=True)
+        write_synthetic(root, seed=seed)
+    return root
+
+
+def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, sizes=None, warm=None):
+    """The offline tiny base model: random init + warm start on the source split, built once."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    sizes, warm = dict(SIZES, **(sizes or {})), dict(WARM_START, **(warm or {}))
+    records = data.load_split("synthetic", ensure_synthetic(data_root), "train")
+    print(f"building the tiny base model in {out_dir} (seed {seed}, {sizes}, warm start {warm})", flush=True)
+    scratch = out_dir.with_name(out_dir.name + ".partial")
+    t0 = time.time()
+    build_random_tiny(scratch, tokenizer_corpus(records), seed=seed, **sizes)
+    model, tokenizer, image_processor = modeling.load(scratch, device="cpu")
+    warm_start(model, tokenizer, image_processor, records, seed=seed, **warm)
+    model.save_pretrained(scratch)
+    recipe = {"seed": seed, "sizes": sizes, "warm_start": warm, "data_root": str(data_root),
+              "torch": torch.__version__, "build_seconds": round(time.time() - t0, 1)}
+    (scratch / "build.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
+    scratch.rename(out_dir)  # atomic: a half-built model is never mistaken for a finished one
+    return out_dir
+
+
+def resolve_model(name):
+    """`--model tiny` means the offline tiny base model (built on first use); anything else is passed on."""
+    return ensure_tiny_base() if name == "tiny" else name
+
+
+# ----------------------------------------------------------------------------------------------
+# The base model's report: are the premises met?
+
+
+def premises(report):
+    """{premise: bool} for a report (see the module docstring)."""
+    source, target = report["source_validate"]["greedy"], report["target_test"]["greedy"]
+    return {f"source-validate overall >= {MIN_SOURCE_OVERALL:g}": source["overall"] >= MIN_SOURCE_OVERALL,
+            f"source-validate closed accuracy >= {MIN_SOURCE_CLOSED:g}": source["closed_acc"] >= MIN_SOURCE_CLOSED,
+            f"target-test greedy overall >= {MIN_SHIFT_COST:g} points below source validate":
+                target["overall"] <= source["overall"] - MIN_SHIFT_COST}
+
+
+def write_report(model_dir, data_root=SYNTHETIC_DIR, samples=8, seed=0, splits=("validate", "test")):
+    """Score the base model (evaluate.report_base_model), check the premises, write model_dir/report.json."""
+    report = evaluate.report_base_model(model_dir, data_root, samples=samples, seed=seed, splits=splits)
+    report["premises"] = premises(report)
+    path = Path(model_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    for name, met in report["premises"].items():
+        print(f"premise {'met   ' if met else 'FAILED'} {name}")
+    print(f"wrote {path}")
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(TINY_BASE_DIR), help="where the tiny base model is written")
+    parser.add_argument("--data-root", default=str(SYNTHETIC_DIR), help="synthetic benchmark folder (seed 0)")
+    parser.add_argument("--seed", type=int, default=0, help="warm-start seed (init, batches, paraphrases)")
+    parser.add_argument("--steps", type=int, default=WARM_START["steps"], help="warm-start optimizer steps")
+    parser.add_argument("--samples", type=int, default=8, help="answers sampled per question for majority / FPL")
+    parser.add_argument("--vision-depth", type=int, default=SIZES["vision_depth"], help="vision blocks")
+    args = parser.parse_args()
+    path = ensure_tiny_base(args.out, args.data_root, seed=args.seed, sizes={"vision_depth": args.vision_depth},
+                            warm={"steps": args.steps})
+    write_report(path, args.data_root, samples=args.samples, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
