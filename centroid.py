@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from reward import normalize_answer
 
+PSEUDO_LABELS = ("fpl", "majority")  # Med-Evo, TTRL
+
 
 def check_groups(n, group_size, where):
     if group_size < 1 or n % group_size != 0:
@@ -96,3 +98,9 @@ def majority_vote(texts, group_size):
         top = max(counts.values())
         labels.append(next(i for i, t in enumerate(normalised) if counts[t] == top))
     return labels
+
+
+def label_texts(texts, group_size, labels):
+    """The text of each group's pseudo label: labels [B] index within each group of G consecutive texts."""
+    check_groups(len(texts), group_size, "label_texts")
+    return [texts[g * group_size + int(i)] for g, i in enumerate(labels)]

@@ -23,6 +23,9 @@ Everything here is written by hand in plain torch; shapes are N answers x T toke
 
 import torch
 
+ADV_SCALES = ("std", "none")  # GRPO, Dr. GRPO
+LOSS_AGGS = ("seq-mean", "token-mean")  # GRPO, DAPO
+
 
 def group_advantages(rewards, group_size, scale="std", eps=1e-4):
     """Group-relative advantages: rewards [N] -> [N] float32.
@@ -30,8 +33,8 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-4):
     scale="std": (r - group mean) / (group std + eps), std unbiased as torch.std;
     scale="none": r - group mean (Dr. GRPO). A group of equal rewards gets exactly 0.
     """
-    if scale not in ("std", "none"):
-        raise ValueError(f"group_advantages: unknown scale {scale!r}, expected 'std' or 'none'")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"group_advantages: unknown scale {scale!r}, expected one of {ADV_SCALES}")
     if rewards.dim() != 1 or group_size < 1 or rewards.shape[0] % group_size != 0:
         raise ValueError(f"group_advantages: rewards of shape {tuple(rewards.shape)} "
                          f"do not split into groups of group_size={group_size}")
@@ -79,8 +82,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=
     (share of answer tokens where the clipped branch is active), ratio_mean.
     Answers with an empty mask contribute 0 but still count as answers in seq-mean.
     """
-    if agg not in ("seq-mean", "token-mean"):
-        raise ValueError(f"grpo_loss: unknown agg {agg!r}, expected 'seq-mean' or 'token-mean'")
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"grpo_loss: unknown agg {agg!r}, expected one of {LOSS_AGGS}")
     if kl_coef != 0 and ref_logp is None:
         raise ValueError(f"grpo_loss: kl_coef={kl_coef} needs ref_logp (pass kl_coef=0 to train without a reference)")
     shape = tuple(logp.shape)

@@ -15,32 +15,50 @@ are read only by evaluation and by logged diagnostics (the pseudo-label hit rate
 `--reward oracle` ablation, which is the supervised upper bound and says so.
 
     torchrun --nproc_per_node 1 train.py --dataset synthetic                       # offline, CPU
-    torchrun --nproc_per_node 8 train.py --dataset slake --data-root PATH --model Qwen/Qwen2.5-VL-3B-Instruct
+    torchrun --nproc_per_node 8 train.py --dataset slake --model Qwen/Qwen2.5-VL-7B-Instruct
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
-Each rank takes a disjoint shard of every global batch; gradients are averaged across ranks by an
-all-reduce after backward (what DDP does, written out, because the vision tower runs once per
-question outside the model's forward). Checkpoints are plain `save_pretrained` folders plus the
-optimizer, step and RNG state, written atomically; `--resume` continues a killed run exactly.
+Scale and precision (parallel.py): the policy's master weights, gradients and AdamW state are fp32;
+`--dtype bfloat16` (the GPU default) computes in bf16 over them. With more than one process the
+policy is sharded with FSDP2 (each decoder layer, each vision block, then the rest) and FSDP
+reduces the gradients; each rank takes a disjoint shard of every global batch. The frozen reference
+is held whole on every rank, in the compute dtype. Checkpoints (checkpoint.py) are plain
+`save_pretrained` folders of the fp32 weights plus each rank's optimizer shard, written atomically;
+`--resume` continues a killed run exactly, or refuses. SIGTERM / Ctrl-C finish the current step,
+write a checkpoint and exit 0.
 """
 
 import argparse
-import json
-import os
 import random
 import shutil
+import signal
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import centroid
+import checkpoint
 import data
 import evaluate
 import grpo
+import memory
 import model as modeling
+import parallel
 import reward
 import rollout
+import tiny
+
+REPO = Path(__file__).resolve().parent
+# Where `--dataset NAME` looks without --data-root, and what it expects to find there.
+DATA_LAYOUTS = {
+    "slake": "the official SLAKE release: imgs/xmlabN/source.jpg + train.json, validate.json, test.json",
+    "vqa_rad": "the official VQA-RAD release ('VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/') "
+               "or data_RAD/{trainset,testset}.json + images/",
+    "path_vqa": "PathVQA: pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/",
+}
 
 # ----------------------------------------------------------------------------------------------
 # Flags
@@ -48,19 +66,29 @@ import rollout
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Med-Evo test-time self-evolution with GRPO (run under torchrun).")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
-    p.add_argument("--data-root", default=None, help="dataset folder (default for synthetic: artifacts/synthetic, written on first use)")
-    p.add_argument("--split", default="test", help="the unlabeled split adapted to and scored (default: test, as in the paper)")
-    p.add_argument("--lang", default="en", help="SLAKE language subset: en (usual protocol) or all")
-    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model (built on first use)")
+    # data, model, run folder
+    p.add_argument("--dataset", default="synthetic", choices=data.DATASETS)
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: datasets/<dataset> in the repo; for synthetic: artifacts/synthetic, "
+                        "written on first use)")
+    p.add_argument("--split", default="test", help="the unlabeled split adapted to and scored (default: test, as "
+                                                   "in the paper)")
+    p.add_argument("--lang", default="en", help="SLAKE language subset: en (usual protocol), zh or all")
+    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model "
+                                                   "(built on first use)")
     p.add_argument("--out-dir", default="runs/medevo", help="metrics.jsonl, predictions and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
+    p.add_argument("--overwrite", action="store_true", help="start clean in a non-empty --out-dir (deletes it)")
     # the method
-    p.add_argument("--pseudo-label", default="fpl", choices=["fpl", "majority"], help="FPL (Med-Evo) or majority vote (TTRL)")
-    p.add_argument("--reward", default="hsr", choices=["hsr", "exact", "f1", "oracle"],
-                   help="hsr (Med-Evo), exact match or token F1 vs the pseudo label; oracle = exact match vs ground truth (upper bound, ablation only)")
-    p.add_argument("--soft-weight", type=float, default=reward.DEFAULT_SOFT_WEIGHT, help="HSR: weight of the soft tier (< 1)")
-    p.add_argument("--f1-weight", type=float, default=reward.DEFAULT_F1_WEIGHT, help="HSR: share of token F1 (vs cosine) in the soft tier")
+    p.add_argument("--pseudo-label", default="fpl", choices=centroid.PSEUDO_LABELS,
+                   help="FPL (Med-Evo) or majority vote (TTRL)")
+    p.add_argument("--reward", default="hsr", choices=reward.REWARD_KINDS,
+                   help="hsr (Med-Evo), exact match or token F1 vs the pseudo label; oracle = exact match vs ground "
+                        "truth (upper bound, ablation only)")
+    p.add_argument("--soft-weight", type=float, default=reward.DEFAULT_SOFT_WEIGHT,
+                   help="HSR: weight of the soft tier (< 1)")
+    p.add_argument("--f1-weight", type=float, default=reward.DEFAULT_F1_WEIGHT,
+                   help="HSR: share of token F1 (vs cosine) in the soft tier")
     # sampling
     p.add_argument("--group-size", type=int, default=8, help="answers sampled per question (G)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
@@ -69,109 +97,113 @@ def parse_args(argv=None):
     p.add_argument("--prompt-suffix", default=rollout.DEFAULT_PROMPT_SUFFIX, help="appended to every question")
     # optimisation
     p.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default: 1e-6 for a real model; 3e-5 with --model tiny, whose ~1M weights need larger steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+                   help="AdamW learning rate (default: 1e-6 for a real model; 3e-5 with --model tiny, whose ~1M "
+                        "weights need larger steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the unlabeled split")
     p.add_argument("--questions-per-step", type=int, default=8, help="questions per optimizer step, over all ranks")
-    p.add_argument("--updates-per-rollout", type=int, default=1, help="GRPO iterations on each rollout (mu); >1 makes clipping bite")
-    p.add_argument("--kl-coef", type=float, default=0.04, help="beta of the k3 KL to the frozen reference (0 = no reference model)")
+    p.add_argument("--updates-per-rollout", type=int, default=1,
+                   help="GRPO iterations on each rollout (mu); >1 makes clipping bite")
+    p.add_argument("--kl-coef", type=float, default=0.04,
+                   help="beta of the k3 KL to the frozen reference (0 = no reference model)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range epsilon")
-    p.add_argument("--loss-agg", default="seq-mean", choices=["seq-mean", "token-mean"], help="how token losses are averaged (token-mean is per rank, so with several ranks it is not exactly the global token mean; seq-mean is exact)")
-    p.add_argument("--adv-scale", default="std", choices=["std", "none"], help="divide advantages by the group std (GRPO) or not (Dr. GRPO)")
+    p.add_argument("--loss-agg", default="seq-mean", choices=grpo.LOSS_AGGS,
+                   help="how token losses are averaged (token-mean is per rank, so with several ranks it is not "
+                        "exactly the global token mean; seq-mean is exact)")
+    p.add_argument("--adv-scale", default="std", choices=grpo.ADV_SCALES,
+                   help="divide advantages by the group std (GRPO) or not (Dr. GRPO)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0 = run all epochs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order, sampling and initialisation seed")
     # evaluation, checkpoints, hardware
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always before and after; 0 = only those)")
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps (always before and after; 0 = only those)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="questions per greedy evaluation batch")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *parallel.DTYPES],
+                   help="compute dtype; master weights and AdamW state are always fp32 (auto: bfloat16 on CUDA, "
+                        "float32 on CPU)")
+    p.add_argument("--fsdp", default="auto", choices=["auto", "on", "off"],
+                   help="shard the policy with FSDP2 (auto: on with more than one process; off keeps a "
+                        "one-process run free of distributed overhead)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off for CPU)")
     p.add_argument("--freeze-vision", action="store_true", help="train only the language model, not the vision tower")
     args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = 3e-5 if args.model == "tiny" else 1e-6
+    cuda = torch.cuda.is_available()
+    args.lr = args.lr if args.lr is not None else 3e-5 if args.model == "tiny" else 1e-6
+    args.dtype = args.dtype if args.dtype != "auto" else "bfloat16" if cuda else "float32"
+    args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     return args
 
 
-def check_args(args, world_size):
-    """Flag combinations that cannot work fail here, before any model is loaded."""
-    if args.group_size < 2:
-        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 answers per question")
-    if args.questions_per_step < 1 or args.questions_per_step % world_size:
-        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a positive multiple of the "
-                         f"number of processes ({world_size})")
-    if args.temperature <= 0:
-        raise SystemExit(f"--temperature {args.temperature}: sampling a group needs temperature > 0")
-    if not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p {args.top_p} must be in (0, 1]")
-    if not 0 <= args.soft_weight < 1:
-        raise SystemExit(f"--soft-weight {args.soft_weight} must be in [0, 1) so that exact match always scores highest")
-    if not 0 <= args.f1_weight <= 1:
-        raise SystemExit(f"--f1-weight {args.f1_weight} must be in [0, 1]")
+RANGES = [  # (flag, test, what it must be)
+    ("group_size", lambda v: v >= 2, "an integer >= 2 (GRPO compares answers within a group)"),
+    ("temperature", lambda v: v > 0, "> 0 (sampling a group needs randomness)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("soft_weight", lambda v: 0 <= v < 1, "in [0, 1) so that exact match always scores highest"),
+    ("f1_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("questions_per_step", lambda v: v >= 1, "an integer >= 1"),
+    ("updates_per_rollout", lambda v: v >= 1, "an integer >= 1"),
+    ("kl_coef", lambda v: v >= 0, ">= 0 (0 = no reference model)"),
+    ("clip_eps", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("max_steps", lambda v: v >= 0, "an integer >= 0 (0 = run all epochs)"),
+    ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("eval_every", lambda v: v >= 0, "an integer >= 0 (0 = only before and after)"),
+    ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("save_every", lambda v: v >= 1, "an integer >= 1"),
+]
+
+
+def check_args(args, world_size, distributed):
+    """Every flag is checked here, before any model loads or anything is written."""
+    for name, ok, must_be in RANGES:
+        value = getattr(args, name)
+        if value != value or not ok(value):  # value != value: NaN
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must_be}")
+    if args.questions_per_step % world_size:
+        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the number of "
+                         f"processes ({world_size})")
+    if args.fsdp == "off" and world_size > 1:
+        raise SystemExit(f"--fsdp off: {world_size} processes need FSDP2 to share the gradients (use --fsdp auto)")
+    if args.fsdp == "on" and not distributed:
+        raise SystemExit("--fsdp on needs a process group: run under torchrun (--nproc_per_node 1 is fine)")
     if args.model != "tiny":
         try:
             modeling.check_model_name(args.model)
         except FileNotFoundError as err:
             raise SystemExit(str(err)) from err
-    if args.dataset != "synthetic" and args.data_root is None:
-        raise SystemExit(f"--dataset {args.dataset} needs --data-root")
-    if args.resume and not (Path(args.out_dir) / "checkpoint" / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume: no checkpoint at {Path(args.out_dir) / 'checkpoint'}")
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite contradict each other: continue a run, or start it clean")
+    args.data_root = str(data_root(args))
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes
+def data_root(args):
+    """The dataset folder: --data-root if given (it must exist), else the documented default."""
+    if args.data_root is not None:
+        root = Path(args.data_root)
+        if not root.is_dir():
+            raise SystemExit(f"--data-root {root}: no such folder" + (
+                " (the synthetic benchmark is written only to its default folder, artifacts/synthetic, or by "
+                f"python -m data.synthetic --out {root})" if args.dataset == "synthetic" else ""))
+        return root
+    if args.dataset == "synthetic":
+        return tiny.SYNTHETIC_DIR  # written on first use
+    root = REPO / "datasets" / args.dataset
+    if not root.is_dir():
+        raise SystemExit(f"--dataset {args.dataset}: no --data-root given and the default folder {root} does not "
+                         f"exist; put {DATA_LAYOUTS[args.dataset]} there, or pass --data-root PATH")
+    return root
 
 
-def setup_distributed():
-    """(rank, world_size, device): torchrun's environment, NCCL on GPU, gloo on CPU; plain python works too."""
-    if "RANK" not in os.environ:
-        return 0, 1, modeling.default_device()
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        return rank, world_size, torch.device("cuda", local_rank)
-    return rank, world_size, torch.device("cpu")
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def average_gradients(model):
-    """Sum every gradient over ranks and divide by their number: the data-parallel all-reduce."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    world_size = dist.get_world_size()
-    for param in model.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad /= world_size
-
-
-def mean_over_ranks(values):
-    """Average a dict of floats over ranks (for logging)."""
-    if not dist.is_initialized():
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    t = t.to("cuda") if dist.get_backend() == "nccl" else t
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def gather_lists(items):
-    """Concatenate every rank's list, in rank order."""
-    if not dist.is_initialized():
-        return items
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
+def run_flags(args):
+    """The flags that define a run (all of them; checkpoint.RESUME_MAY_CHANGE says which may change)."""
+    return {k: v for k, v in vars(args).items() if k != "out_dir"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +229,16 @@ def shard(items, rank, world_size):
 # One GRPO step
 
 
+@dataclass
+class RolloutScores:
+    """What the first update on a rollout computes and later updates (--updates-per-rollout > 1) reuse."""
+    old_logp: torch.Tensor  # [N, T] log-probs of the sampling policy
+    ref_logp: torch.Tensor | None  # [N, T] log-probs of the frozen reference (None when --kl-coef 0)
+    rewards: torch.Tensor  # [N]
+    labels: torch.Tensor  # [N // G] index of each group's pseudo label within the group
+    advantages: torch.Tensor  # [N]
+
+
 def clock(device):
     """Wall time after the device's queued work is done, so per-stage timings are honest on GPU."""
     if device.type == "cuda":
@@ -217,51 +259,64 @@ def rewards_for_rollout(hidden, out, group_size, args, refs=None):
     return rewards, labels
 
 
-def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, timings=None, rollout_scores=None):
+def teacher_forced(model, prompt, out, group_size, dtype):
+    """Logits [N, T, V] and hidden states [N, T, D] of the sampled answers, in the compute dtype."""
+    with parallel.compute_precision(model, dtype):
+        return rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask,
+                                                    group_size)
+
+
+def score_rollout(logp, hidden, reference, prompt, out, group_size, args, refs, timings):
+    """The first update's view of a fresh rollout: pseudo labels, rewards, advantages, reference log-probs."""
+    t0 = clock(logp.device)
+    rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
+    advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
+    t1 = clock(logp.device)
+    ref_logp = None
+    if args.kl_coef > 0:
+        with torch.no_grad():
+            ref_logits, _ = teacher_forced(reference, prompt, out, group_size, parallel.DTYPES[args.dtype])
+            ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
+    add_time(timings, "fpl_hsr", t1 - t0)
+    add_time(timings, "reference_forward", clock(logp.device) - t1)
+    return RolloutScores(logp.detach(), ref_logp, rewards, labels, advantages)
+
+
+def add_time(timings, name, seconds):
+    timings[name] = timings.get(name, 0.0) + seconds
+
+
+def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, timings=None, scores=None):
     """Everything between the rollout and backward: log-probs, FPL, HSR, advantages, GRPO loss.
 
-    The first update on a rollout computes its scores (old log-probs, pseudo labels, rewards,
-    advantages, reference log-probs) and returns them; later updates (--updates-per-rollout > 1)
-    pass them back in, so that the ratio is taken against the policy that sampled the answers.
-    Returns (loss, stats, rollout_scores).
+    The first update on a rollout computes its RolloutScores and returns them; later updates pass
+    them back in, so that the ratio is taken against the policy that sampled the answers.
+    Returns (loss, stats, scores).
     """
     timings = {} if timings is None else timings
     t0 = clock(policy.device)
-    logits, hidden = rollout.completion_logits_and_hidden(policy, prompt, out.completion_ids, out.completion_mask, group_size)
-    logp = grpo.token_logprobs(logits, out.completion_ids)  # [N, T]
+    logits, hidden = teacher_forced(policy, prompt, out, group_size, parallel.DTYPES[args.dtype])
+    logp = grpo.token_logprobs(logits, out.completion_ids)  # [N, T] float32
     del logits
-    t1 = clock(policy.device)
-    if rollout_scores is None:
-        rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
-        advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
-        t2 = clock(policy.device)
-        ref_logp = None
-        if args.kl_coef > 0:
-            with torch.no_grad():
-                ref_logits, _ = rollout.completion_logits_and_hidden(reference, prompt, out.completion_ids,
-                                                                     out.completion_mask, group_size)
-                ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
-        t3 = clock(policy.device)
-        for name, seconds in [("fpl_hsr", t2 - t1), ("reference_forward", t3 - t2)]:
-            timings[name] = timings.get(name, 0.0) + seconds
-        rollout_scores = dict(old_logp=logp.detach(), ref_logp=ref_logp, rewards=rewards, labels=labels,
-                              advantages=advantages)
-    timings["policy_forward"] = timings.get("policy_forward", 0.0) + t1 - t0
+    add_time(timings, "policy_forward", clock(policy.device) - t0)
+    if scores is None:
+        scores = score_rollout(logp, hidden, reference, prompt, out, group_size, args, refs, timings)
     mask = out.completion_mask.to(logp.dtype)
-    loss, stats = grpo.grpo_loss(logp, rollout_scores["old_logp"], rollout_scores["ref_logp"],
-                                 rollout_scores["advantages"], mask, clip_eps=args.clip_eps,
-                                 kl_coef=args.kl_coef, agg=args.loss_agg)
-    return loss, {k: float(v) for k, v in stats.items()}, rollout_scores
+    loss, stats = grpo.grpo_loss(logp, scores.old_logp, scores.ref_logp, scores.advantages, mask,
+                                 clip_eps=args.clip_eps, kl_coef=args.kl_coef, agg=args.loss_agg)
+    return loss, {k: float(v) for k, v in stats.items()}, scores
 
 
 def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator):
-    """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> (all-reduce) -> AdamW step."""
-    G = args.group_size
+    """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> backward (FSDP reduces) -> AdamW."""
+    G, dtype = args.group_size, parallel.DTYPES[args.dtype]
     timings = {}
     t0 = clock(policy.device)
     prompt = rollout.build_inputs(tokenizer, image_processor, records, args.prompt_suffix, policy.device)
-    policy.eval()  # sampling: no dropout; Qwen has none, but a fork might
-    out = rollout.sample(policy, tokenizer, prompt, G, args.max_new_tokens, args.temperature, args.top_p, generator)
+    policy.eval()  # sampling needs the KV cache, which gradient checkpointing turns off in train mode
+    with parallel.gathered(policy, dtype):
+        out = rollout.sample(policy, tokenizer, prompt, G, args.max_new_tokens, args.temperature, args.top_p,
+                             generator)
     timings["rollout"] = clock(policy.device) - t0
     policy.train()
     refs = answers if args.reward == "oracle" else None  # the supervised upper bound reads labels; Med-Evo never does
@@ -273,14 +328,14 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
         t_backward = clock(policy.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(policy)
         if args.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
+            stats["grad_norm"] = parallel.full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                                                   args.grad_clip))
         optimizer.step()
-        timings["backward_and_step"] = timings.get("backward_and_step", 0.0) + clock(policy.device) - t_backward
-    label_texts = [out.texts[g * G + int(i)] for g, i in enumerate(scores["labels"])]
+        add_time(timings, "backward_and_step", clock(policy.device) - t_backward)
+    label_texts = centroid.label_texts(out.texts, G, scores.labels)
     stats.update(
-        reward=float(scores["rewards"].mean()),
+        reward=float(scores.rewards.mean()),
         answer_length=float(out.completion_mask.sum(1).float().mean()),
         hit_rate=pseudo_label_hit_rate(label_texts, records, answers),
         **{f"seconds_{k}": v for k, v in timings.items()},
@@ -291,7 +346,7 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
 def pseudo_label_hit_rate(label_texts, records, answers):
     """Share of questions whose pseudo label the benchmark's metric would score fully correct (diagnostic).
 
-    NaN when the split carries no answers: training itself never needs them.
+    NaN when the split carries no answers (logged as null): training itself never needs them.
     """
     if any(answer is None for answer in answers):
         return float("nan")
@@ -301,15 +356,16 @@ def pseudo_label_hit_rate(label_texts, records, answers):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation (greedy answers on the whole split, sharded over ranks)
+# Evaluation (greedy answers on the whole split, sharded over ranks, on the compute weights)
 
 
 def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir):
     ranks_share = labelled[rank::world_size]
-    preds = evaluate.predict(policy, tokenizer, image_processor, ranks_share, batch_size=args.eval_batch_size,
-                             prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
-    pairs = gather_lists([(r["qid"], p) for r, p in zip(ranks_share, preds)])
-    by_qid = dict(pairs)
+    policy.eval()  # the KV cache is off in train mode under gradient checkpointing
+    with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
+        preds = evaluate.predict(policy, tokenizer, image_processor, ranks_share, batch_size=args.eval_batch_size,
+                                 prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
+    by_qid = dict(parallel.gather_lists([(r["qid"], p) for r, p in zip(ranks_share, preds)]))
     preds = [by_qid[r["qid"]] for r in labelled]
     scores = evaluate.score_predictions(labelled, preds)
     if rank == 0:
@@ -318,51 +374,107 @@ def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, wor
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Setup: everything that can fail on bad input runs on rank 0 before any model loads
 
 
-def save_checkpoint(out_dir, policy, tokenizer, image_processor, optimizer, step, generator, rank):
-    """<out_dir>/checkpoint: a loadable model folder + trainer_state.pt; replaced atomically."""
-    rng_states = gather_lists([generator.get_state()])
-    if rank == 0:
-        final, tmp = out_dir / "checkpoint", out_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "sampler_rng": rng_states,
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-        old = out_dir / "checkpoint.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+def on_rank0(fn, *fn_args):
+    """fn(*fn_args) on rank 0; every rank gets its result, or exits with the same message."""
+    result, error = None, None
+    if parallel.is_rank0():
+        try:
+            result = fn(*fn_args)
+        except (SystemExit, OSError, ValueError) as err:
+            error = str(err) or repr(err)
+    result, error = parallel.broadcast_from_rank0((result, error))
+    if error is not None:
+        raise SystemExit(error)
+    return result
 
 
-def load_trainer_state(out_dir, optimizer, generator, rank, world_size):
-    state = torch.load(out_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
-    if len(state["sampler_rng"]) != world_size:
-        raise SystemExit(f"--resume: the checkpoint was written by {len(state['sampler_rng'])} processes, "
-                         f"this run has {world_size}")
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["sampler_rng"][rank])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
+def prepare_out_dir(args):
+    """Refuse to mix runs in one --out-dir; on --resume recover the checkpoint and check the flags."""
+    out_dir = Path(args.out_dir)
+    if args.resume:
+        notes = [checkpoint.recover(out_dir)]
+        notes += checkpoint.check_run_flags(checkpoint.saved_run_flags(out_dir), run_flags(args))
+        step = checkpoint.complete_step(out_dir / "checkpoint")
+        dropped = checkpoint.truncate_rows(out_dir / "metrics.jsonl", step)
+        return notes + ([f"dropped {dropped} metrics.jsonl row(s) logged after step {step}"] if dropped else [])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not args.overwrite:
+            raise SystemExit(f"--out-dir {out_dir} is not empty: add --resume to continue that run, --overwrite "
+                             f"to delete it and start clean, or choose another --out-dir")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return []
 
 
-# ----------------------------------------------------------------------------------------------
-# Main loop
+def load_data(args):
+    """The split (answers kept for evaluation only), after checking that every image opens."""
+    if args.dataset == "synthetic" and Path(args.data_root) == tiny.SYNTHETIC_DIR:
+        tiny.ensure_synthetic(args.data_root)
+    labelled = data.load_split(args.dataset, args.data_root, args.split, lang=args.lang)
+    data.check_images_open(labelled, f"{args.dataset}/{args.split}")
+    if len(labelled) < args.questions_per_step:
+        raise SystemExit(f"--questions-per-step {args.questions_per_step} exceeds the split's {len(labelled)} "
+                         f"questions")
+    return labelled
 
 
-def prepare_policy(policy, args, device):
-    """Freeze the vision tower and turn on gradient checkpointing as the flags say; return AdamW."""
+def prepare_policy(policy, args, device, sharded=False):
+    """Freeze the vision tower, gradient checkpointing and FSDP2 as the flags say; return AdamW (fp32 state)."""
     if args.freeze_vision:
         policy.model.visual.requires_grad_(False)
-    if args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda":
-        policy.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if sharded:
+        parallel.shard_policy(policy, parallel.DTYPES[args.dtype])
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
                              weight_decay=args.weight_decay)
+
+
+def load_models(args, model_name, device, world_size, sharded):
+    """(policy, reference, tokenizer, image_processor, optimizer): fp32 policy, reference in the compute dtype."""
+    start_from = Path(args.out_dir) / "checkpoint" if args.resume else model_name
+    policy, tokenizer, image_processor = modeling.load(start_from, device, dtype=torch.float32)
+    reference = None
+    if args.kl_coef > 0:
+        reference, _, _ = modeling.load(model_name, device, dtype=parallel.DTYPES[args.dtype])
+        reference.eval().requires_grad_(False)
+    counts = memory.count_parameters(policy)
+    if args.freeze_vision:
+        counts["trainable"] -= sum(p.numel() for p in policy.model.visual.parameters())
+    plan = memory.memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded,
+                              reference is not None)
+    parallel.print0(memory.format_plan(plan, world_size, dtype=args.dtype, sharded=sharded))
+    optimizer = prepare_policy(policy, args, device, sharded)
+    return policy, reference, tokenizer, image_processor, optimizer
+
+
+@contextmanager
+def stop_on_signal():
+    """SIGTERM / SIGINT only record their name; the loop reads it after each step, checkpoints and stops.
+
+    Repeats are recorded too, never obeyed at once: under torchrun a worker may get the scheduler's
+    SIGTERM and then the agent's, and must still finish its checkpoint (the agent waits
+    --shutdown-timeout seconds, 30 by default, before SIGKILL).
+    """
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def evaluation_due(step, args, total_steps):
+    """--eval-every's evaluations between steps (the final one always runs)."""
+    return args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps
 
 
 def format_eta(seconds):
@@ -370,89 +482,89 @@ def format_eta(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
+def log_step(step, total_steps, stats, eta):
+    parallel.print0(f"step {step}/{total_steps} | reward {stats['reward']:.3f} | hit {stats['hit_rate']:.2f} | "
+                    f"kl {stats['kl']:.4f} | clip {stats['clip_frac']:.3f} | len {stats['answer_length']:.1f} | "
+                    f"{stats['seconds_step']:.1f}s/step | ETA {format_eta(eta)}", flush=True)
+
+
+def before_after(before, after):
+    keys = [("overall", "overall"), ("open_recall", "open recall"), ("closed_acc", "closed accuracy")]
+    return "before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
+                                          for key, name in keys if before[key] is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed()
-    check_args(args, world_size)
-    out_dir = Path(args.out_dir)
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    # model and data (the offline defaults are built by rank 0 once, the others wait)
-    data_root = args.data_root or modeling.SYNTHETIC_DIR
-    if rank == 0:
-        modeling.resolve_model(args.model)
-        if args.dataset == "synthetic":
-            modeling.ensure_synthetic(data_root)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    model_name = modeling.resolve_model(args.model)  # built by now: just the path
-    labelled = [data.load_split(args.dataset, data_root, args.split, lang=args.lang) if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(labelled, src=0)
-    labelled = labelled[0]
+    rank, world_size, device = parallel.setup_distributed(modeling.default_device())
+    sharded = args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
+    check_args(args, world_size, distributed=parallel.dist.is_initialized())
+    notes = on_rank0(prepare_out_dir, args)
+    labelled = on_rank0(load_data, args)
+    model_name = on_rank0(tiny.resolve_model, args.model)  # builds the offline tiny model once
+    out_dir, metrics_file = Path(args.out_dir), Path(args.out_dir) / "metrics.jsonl"
     answers_by_qid = {r["qid"]: r["answer"] for r in labelled}  # for evaluation and diagnostics only
     unlabeled = [dict(r, answer=None) for r in labelled]  # what training sees
-    steps_per_epoch = len(unlabeled) // args.questions_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--questions-per-step {args.questions_per_step} exceeds the split's {len(unlabeled)} questions")
-    total_steps = steps_per_epoch * args.epochs
-    total_steps = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    steps = len(unlabeled) // args.questions_per_step * args.epochs
+    total_steps = min(steps, args.max_steps) if args.max_steps else steps
 
-    start_from = out_dir / "checkpoint" if args.resume else model_name
-    policy, tokenizer, image_processor = modeling.load(start_from, device)
-    reference = None
-    if args.kl_coef > 0:
-        reference, _, _ = modeling.load(model_name, device)
-        reference.eval().requires_grad_(False)
-    optimizer = prepare_policy(policy, args, device)
+    policy, reference, tokenizer, image_processor, optimizer = load_models(args, model_name, device, world_size,
+                                                                            sharded)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     torch.manual_seed(args.seed)
-    step = load_trainer_state(out_dir, optimizer, generator, rank, world_size) if args.resume else 0
-    log(f"Med-Evo | {args.dataset}/{args.split}: {len(unlabeled)} questions | model {model_name} | "
-        f"{world_size} process(es) on {device} | {total_steps} steps of {args.questions_per_step} questions x G={args.group_size} | "
-        f"pseudo-label {args.pseudo_label}, reward {args.reward}" + (f" | resumed at step {step}" if args.resume else ""))
-
-    metrics_file = out_dir / "metrics.jsonl"
-
-    def record(entry):
-        if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+    step = checkpoint.load_trainer_state(out_dir, policy, optimizer, generator, rank, world_size,
+                                         args.lr) if args.resume else 0
+    parallel.print0("\n".join(notes + [
+        f"Med-Evo | {args.dataset}/{args.split}: {len(unlabeled)} questions | model {model_name} | {world_size} "
+        f"process(es) on {device}, {args.dtype} compute, fp32 masters{', FSDP2' if sharded else ''} | "
+        f"{total_steps} steps of {args.questions_per_step} questions x G={args.group_size} | pseudo-label "
+        f"{args.pseudo_label}, reward {args.reward}" + (f" | resumed at step {step}" if args.resume else "")]))
 
     def run_eval(tag):
         scores = evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir)
-        log(f"eval {tag}\n" + evaluate.format_table(scores))
-        record({"step": step, "eval": tag, **scores})
+        parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores))
+        if rank == 0:
+            checkpoint.append_row(metrics_file, {"step": step, "eval": tag, **scores})
         return scores
 
-    before = run_eval(f"step{step}") if not args.resume else None
-    t_start, steps_done = time.time(), 0
-    while step < total_steps:
-        t0 = time.time()
-        global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
-        records = [unlabeled[i] for i in shard(global_batch, rank, world_size)]
-        answers = [answers_by_qid[r["qid"]] for r in records]  # diagnostics (hit rate) and the oracle ablation only
-        stats = train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator)
-        step += 1
-        steps_done += 1
-        stats = mean_over_ranks(stats)
-        stats["seconds_step"] = time.time() - t0
-        eta = (time.time() - t_start) / steps_done * (total_steps - step)
-        log(f"step {step}/{total_steps} | reward {stats['reward']:.3f} | hit {stats['hit_rate']:.2f} | "
-            f"kl {stats['kl']:.4f} | clip {stats['clip_frac']:.3f} | len {stats['answer_length']:.1f} | "
-            f"{stats['seconds_step']:.1f}s/step | ETA {format_eta(eta)}", flush=True)
-        record({"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})
-        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            run_eval(f"step{step}")
-        if step % args.save_every == 0 or step == total_steps:
-            save_checkpoint(out_dir, policy, tokenizer, image_processor, optimizer, step, generator, rank)
-    after = run_eval("final")
-    if before is not None and before["overall"] is not None:
-        log("before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
-                                         for key, name in [("overall", "overall"), ("open_recall", "open recall"),
-                                                           ("closed_acc", "closed accuracy")] if before[key] is not None))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    before = None if args.resume else run_eval("step0")
+    if args.resume and evaluation_due(step, args, total_steps):  # the resumed step's evaluation may have been skipped by a SIGTERM
+        run_eval(f"step{step}")
+    t_start, steps_done, stopping = time.time(), 0, False
+    with stop_on_signal() as stop_signal:
+        while step < total_steps:
+            t0 = time.time()
+            global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
+            records = [unlabeled[i] for i in shard(global_batch, rank, world_size)]
+            answers = [answers_by_qid[r["qid"]] for r in records]  # diagnostics and the oracle ablation only
+            stats = train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args,
+                               generator)
+            step, steps_done = step + 1, steps_done + 1
+            stats = dict(parallel.mean_over_ranks(stats), seconds_step=time.time() - t0)
+            log_step(step, total_steps, stats, (time.time() - t_start) / steps_done * (total_steps - step))
+            if rank == 0:
+                checkpoint.append_row(metrics_file, {"step": step, "questions": [unlabeled[i]["qid"]
+                                                                                 for i in global_batch], **stats})
+            stopping = parallel.any_rank(stop_signal)
+            if step % args.save_every == 0 or step == total_steps or stopping:
+                checkpoint.save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags(args),
+                                generator)
+            if stopping:
+                break
+            if evaluation_due(step, args, total_steps):
+                run_eval(f"step{step}")
+    if stopping:
+        parallel.print0(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} after step "
+                        f"{step}/{total_steps}: checkpoint in {out_dir / 'checkpoint'}; continue with the same "
+                        f"command and --resume", flush=True)
+    after = None if stopping else run_eval("final")
+    if before is not None and after is not None and before["overall"] is not None:
+        parallel.print0(before_after(before, after))
+    parallel.shutdown()
     return after
 
 

@@ -1,0 +1,196 @@
+"""Checkpoints: an atomic, resumable record of a Med-Evo run, and the run's metrics log.
+
+A checkpoint is one folder, `<out-dir>/checkpoint`:
+
+    config.json, model.safetensors, ...  a plain `save_pretrained` folder of the fp32 master weights
+                                         (+ tokenizer and image processor): `from_pretrained` loads it
+    optimizer/                           the AdamW state, one file per rank (torch.distributed.checkpoint:
+                                         each rank writes and reads only its own shard under FSDP2)
+    trainer_state.pt                     step, the run's defining flags, every rank's sampler RNG, torch RNG
+    COMPLETE                             written last: a folder without it is never resumed from
+
+Saving writes `checkpoint.tmp`, then swaps: `checkpoint -> checkpoint.old`, `checkpoint.tmp -> checkpoint`,
+remove `checkpoint.old`. A crash at any point leaves at least one complete folder; `recover` finds the
+newest complete one (by its step), finishes the interrupted swap, and says which one it took.
+
+Resume is exact or refuses: the flags that define the run are recorded, and a different value on
+`--resume` is refused with the flag's name, except the ones in RESUME_MAY_CHANGE, which take effect.
+
+metrics.jsonl has one row per training step and one per evaluation. On resume the rows past the
+checkpoint's step (written after the last save, before a kill) are dropped, and so are the evaluations
+at and after it, which the resumed run redoes: no row ever appears twice. NaN is written as null.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+import parallel
+
+# Flags that may differ on --resume; every other flag must equal the checkpoint's.
+RESUME_MAY_CHANGE = {
+    "resume": "how the run starts",
+    "overwrite": "how the run starts",
+    "lr": "takes effect from the next step",
+    "epochs": "the run's length (the data order of every epoch is fixed by --seed)",
+    "max_steps": "the run's length",
+    "eval_every": "bookkeeping",
+    "eval_batch_size": "bookkeeping",
+    "save_every": "bookkeeping",
+    "gradient_checkpointing": "recomputes the same activations",
+}
+FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+
+
+def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags, generator):
+    """Write <out_dir>/checkpoint.tmp on every rank (a collective), then swap it in on rank 0."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / "checkpoint.tmp"
+    if parallel.is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+    # full fp32 weights on rank 0 (gathered from the shards under FSDP2), every rank's optimizer shard
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer",
+             no_dist=not parallel.dist.is_initialized())
+    rng_states = parallel.gather_lists([generator.get_state()])
+    if parallel.is_rank0():
+        policy.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        torch.save({"step": step, "run_flags": run_flags, "sampler_rng": rng_states,
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        (tmp / "run_flags.json").write_text(json.dumps(run_flags, indent=1) + "\n")
+        (tmp / "COMPLETE").write_text(f"step {step}\n")
+        swap_in(out_dir)
+    parallel.barrier()
+
+
+def swap_in(out_dir):
+    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Find and load
+
+
+def complete_step(folder):
+    """The step of a complete checkpoint folder, or None if it is missing or half-written."""
+    if not (folder / "COMPLETE").is_file() or not (folder / "trainer_state.pt").is_file():
+        return None
+    return torch.load(folder / "trainer_state.pt", weights_only=False)["step"]
+
+
+def newest_complete(out_dir):
+    """(folder, step) of the newest complete checkpoint among checkpoint, .tmp and .old; (None, None) if none."""
+    found = [(step, -i, out_dir / name) for i, name in enumerate(FOLDERS)
+             if (step := complete_step(out_dir / name)) is not None]
+    if not found:
+        return None, None
+    step, _, folder = max(found)
+    return folder, step
+
+
+def recover(out_dir):
+    """Rank 0, before resuming: make <out_dir>/checkpoint the newest complete checkpoint. Returns a message."""
+    out_dir = Path(out_dir)
+    folder, step = newest_complete(out_dir)
+    if folder is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {out_dir} (looked for {', '.join(FOLDERS)})")
+    final = out_dir / "checkpoint"
+    if folder != final:  # a crash in the middle of the swap: finish it
+        shutil.rmtree(final, ignore_errors=True)
+        folder.rename(final)
+    for name in FOLDERS[1:]:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    return f"resuming from {folder} (step {step})" + (f", moved to {final}" if folder != final else "")
+
+
+def check_run_flags(saved, now):
+    """Refuse a resume whose run-defining flags differ; return notes for the ones that may change."""
+    notes = []
+    for name in sorted(set(saved) | set(now)):
+        before, after = saved.get(name), now.get(name)
+        if before == after:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name not in RESUME_MAY_CHANGE:
+            raise SystemExit(f"--resume: {flag} was {before!r} in the checkpoint, now {after!r}; a resumed run must "
+                             f"be the same run (start a new --out-dir to change it)")
+        notes.append(f"{flag} {before!r} -> {after!r} ({RESUME_MAY_CHANGE[name]})")
+    return notes
+
+
+def load_trainer_state(out_dir, policy, optimizer, generator, rank, world_size, lr):
+    """Restore optimizer (this rank's shard), RNGs and step from <out_dir>/checkpoint; set the lr."""
+    folder = Path(out_dir) / "checkpoint"
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    if len(state["sampler_rng"]) != world_size:
+        raise SystemExit(f"--resume: the checkpoint was written by {len(state['sampler_rng'])} processes, "
+                         f"this run has {world_size}")
+    optimizer_state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())
+    set_optimizer_state_dict(policy, optimizer, optimizer_state["optimizer"])
+    for group in optimizer.param_groups:  # --lr may change on resume (RESUME_MAY_CHANGE)
+        group["lr"] = lr
+    generator.set_state(state["sampler_rng"][rank])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def saved_run_flags(out_dir):
+    return torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)["run_flags"]
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def json_safe(value):
+    """NaN and infinities become None (JSON has no NaN); containers are cleaned recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def append_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+
+
+def truncate_rows(path, step):
+    """Keep the training rows up to `step` (the checkpoint's) and the evaluations before it: the resumed
+    run redoes the evaluation at `step` (if one is due there) and the final one."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] < step or (r["step"] == step and "eval" not in r)]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    tmp.replace(path)
+    return len(rows) - len(kept)

@@ -1,0 +1,51 @@
+"""Run by tests/test_train.py, once with plain python and once under `torchrun --nproc_per_node 2`.
+
+Both runs take the same global batch of 4 questions and the same sampled answers (drawn before any
+sharding, with one seeded generator, identical on every rank). Each rank computes the GRPO loss on
+its own shard; under torchrun the policy is sharded with FSDP2, which reduce-scatters the gradients.
+One clipped AdamW update follows. Rank 0 saves the full fp32 parameters after it, which must equal
+the single-process ones.
+    python tests/fsdp_step_check.py MODEL_DIR DATA_ROOT OUT.pt
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+import model as modeling  # noqa: E402
+import parallel  # noqa: E402
+import rollout  # noqa: E402
+import train  # noqa: E402
+
+model_dir, data_root, out_path = sys.argv[1:4]
+rank, world_size, device = parallel.setup_distributed(torch.device("cpu"))
+G = 4
+args = train.parse_args(["--model", model_dir, "--group-size", str(G), "--kl-coef", "0.1", "--lr", "1e-3"])
+policy, tokenizer, image_processor = modeling.load(model_dir, "cpu", dtype=torch.float32)
+reference, _, _ = modeling.load(model_dir, "cpu")
+with torch.no_grad():  # make the policy differ from the reference so that the KL term has a gradient
+    for p in policy.parameters():
+        p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+records = data.load_split("slake", data_root, "test")[:4]
+prompt_all = rollout.build_inputs(tokenizer, image_processor, records)
+out_all = rollout.sample(policy, tokenizer, prompt_all, G, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
+
+optimizer = train.prepare_policy(policy, args, device, sharded=world_size > 1)
+mine = train.shard(list(range(len(records))), rank, world_size)
+rows = [q * G + j for q in mine for j in range(G)]
+prompt = rollout.build_inputs(tokenizer, image_processor, [records[q] for q in mine])
+out = rollout.Rollout(out_all.completion_ids[rows], out_all.completion_mask[rows], [out_all.texts[r] for r in rows])
+policy.train()
+loss, stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
+loss.backward()
+grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
+optimizer.step()
+weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.save({"weights": weights, "grad_norm": grad_norm}, out_path)
+parallel.shutdown()
