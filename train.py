@@ -433,8 +433,24 @@ def prepare_policy(policy, args, device, sharded=False):
                              weight_decay=args.weight_decay)
 
 
-def load_models(args, model_name, device, world_size, sharded):
-    """(policy, reference, tokenizer, image_processor, optimizer): fp32 policy, reference in the compute dtype."""
+@dataclass
+class Run:
+    """Everything the training loop and the evaluations share."""
+    args: argparse.Namespace
+    policy: torch.nn.Module  # fp32 master weights (FSDP2 shards when sharded)
+    reference: torch.nn.Module | None  # frozen, in the compute dtype; None when --kl-coef 0
+    tokenizer: object
+    image_processor: object
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # this rank's sampler RNG
+    labelled: list  # the split's records, answers included (evaluation and diagnostics only)
+    rank: int
+    world_size: int
+    out_dir: Path
+
+
+def load_run(args, model_name, labelled, device, rank, world_size, sharded):
+    """Policy (fp32), reference (compute dtype), optimizer; restored from the checkpoint on --resume."""
     start_from = Path(args.out_dir) / "checkpoint" if args.resume else model_name
     policy, tokenizer, image_processor = modeling.load(start_from, device, dtype=torch.float32)
     reference = None
@@ -448,7 +464,13 @@ def load_models(args, model_name, device, world_size, sharded):
                               reference is not None)
     parallel.print0(memory.format_plan(plan, world_size, dtype=args.dtype, sharded=sharded))
     optimizer = prepare_policy(policy, args, device, sharded)
-    return policy, reference, tokenizer, image_processor, optimizer
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed)
+    run = Run(args, policy, reference, tokenizer, image_processor, optimizer, generator, labelled, rank, world_size,
+              Path(args.out_dir))
+    step = checkpoint.load_trainer_state(run.out_dir, policy, optimizer, generator, rank, world_size,
+                                         args.lr) if args.resume else 0
+    return run, step
 
 
 @contextmanager
@@ -498,70 +520,72 @@ def before_after(before, after):
 # Main loop
 
 
+def record(run, row):
+    if run.rank == 0:
+        checkpoint.append_row(run.out_dir / "metrics.jsonl", row)
+
+
+def run_eval(run, step, tag):
+    scores = evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
+                            run.world_size, tag, run.out_dir)
+    parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores))
+    record(run, {"step": step, "eval": tag, **scores})
+    return scores
+
+
+def train_loop(run, step, total_steps):
+    """GRPO steps until total_steps, or until a SIGTERM / SIGINT; returns (step, the signal's name or None)."""
+    args = run.args
+    answers_by_qid = {r["qid"]: r["answer"] for r in run.labelled}  # diagnostics and the oracle ablation only
+    unlabeled = [dict(r, answer=None) for r in run.labelled]  # what training sees
+    if args.resume and evaluation_due(step, args, total_steps):  # a SIGTERM may have skipped it
+        run_eval(run, step, f"step{step}")
+    t_start, first_step = time.time(), step
+    with stop_on_signal() as received:
+        while step < total_steps:
+            t0 = time.time()
+            global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
+            records = [unlabeled[i] for i in shard(global_batch, run.rank, run.world_size)]
+            stats = train_step(run.policy, run.reference, run.optimizer, run.tokenizer, run.image_processor,
+                               records, [answers_by_qid[r["qid"]] for r in records], args, run.generator)
+            step += 1
+            stats = dict(parallel.mean_over_ranks(stats), seconds_step=time.time() - t0)
+            log_step(step, total_steps, stats, (time.time() - t_start) / (step - first_step) * (total_steps - step))
+            record(run, {"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})
+            stopping = parallel.any_rank(received)
+            if step % args.save_every == 0 or step == total_steps or stopping:
+                checkpoint.save(run.out_dir, run.policy, run.tokenizer, run.image_processor, run.optimizer, step,
+                                run_flags(args), run.generator)
+            if stopping:
+                return step, received[0] if received else "a signal to another rank"
+            if evaluation_due(step, args, total_steps):
+                run_eval(run, step, f"step{step}")
+    return step, None
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = parallel.setup_distributed(modeling.default_device())
     sharded = args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
     check_args(args, world_size, distributed=parallel.dist.is_initialized())
+    labelled = on_rank0(load_data, args)  # every image opens, before any model loads
     notes = on_rank0(prepare_out_dir, args)
-    labelled = on_rank0(load_data, args)
     model_name = on_rank0(tiny.resolve_model, args.model)  # builds the offline tiny model once
-    out_dir, metrics_file = Path(args.out_dir), Path(args.out_dir) / "metrics.jsonl"
-    answers_by_qid = {r["qid"]: r["answer"] for r in labelled}  # for evaluation and diagnostics only
-    unlabeled = [dict(r, answer=None) for r in labelled]  # what training sees
-    steps = len(unlabeled) // args.questions_per_step * args.epochs
+    run, step = load_run(args, model_name, labelled, device, rank, world_size, sharded)
+    steps = len(labelled) // args.questions_per_step * args.epochs
     total_steps = min(steps, args.max_steps) if args.max_steps else steps
-
-    policy, reference, tokenizer, image_processor, optimizer = load_models(args, model_name, device, world_size,
-                                                                            sharded)
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
-    torch.manual_seed(args.seed)
-    step = checkpoint.load_trainer_state(out_dir, policy, optimizer, generator, rank, world_size,
-                                         args.lr) if args.resume else 0
     parallel.print0("\n".join(notes + [
-        f"Med-Evo | {args.dataset}/{args.split}: {len(unlabeled)} questions | model {model_name} | {world_size} "
+        f"Med-Evo | {args.dataset}/{args.split}: {len(labelled)} questions | model {model_name} | {world_size} "
         f"process(es) on {device}, {args.dtype} compute, fp32 masters{', FSDP2' if sharded else ''} | "
         f"{total_steps} steps of {args.questions_per_step} questions x G={args.group_size} | pseudo-label "
         f"{args.pseudo_label}, reward {args.reward}" + (f" | resumed at step {step}" if args.resume else "")]))
 
-    def run_eval(tag):
-        scores = evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir)
-        parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores))
-        if rank == 0:
-            checkpoint.append_row(metrics_file, {"step": step, "eval": tag, **scores})
-        return scores
-
-    before = None if args.resume else run_eval("step0")
-    if args.resume and evaluation_due(step, args, total_steps):  # the resumed step's evaluation may have been skipped by a SIGTERM
-        run_eval(f"step{step}")
-    t_start, steps_done, stopping = time.time(), 0, False
-    with stop_on_signal() as stop_signal:
-        while step < total_steps:
-            t0 = time.time()
-            global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
-            records = [unlabeled[i] for i in shard(global_batch, rank, world_size)]
-            answers = [answers_by_qid[r["qid"]] for r in records]  # diagnostics and the oracle ablation only
-            stats = train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args,
-                               generator)
-            step, steps_done = step + 1, steps_done + 1
-            stats = dict(parallel.mean_over_ranks(stats), seconds_step=time.time() - t0)
-            log_step(step, total_steps, stats, (time.time() - t_start) / steps_done * (total_steps - step))
-            if rank == 0:
-                checkpoint.append_row(metrics_file, {"step": step, "questions": [unlabeled[i]["qid"]
-                                                                                 for i in global_batch], **stats})
-            stopping = parallel.any_rank(stop_signal)
-            if step % args.save_every == 0 or step == total_steps or stopping:
-                checkpoint.save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags(args),
-                                generator)
-            if stopping:
-                break
-            if evaluation_due(step, args, total_steps):
-                run_eval(f"step{step}")
-    if stopping:
-        parallel.print0(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} after step "
-                        f"{step}/{total_steps}: checkpoint in {out_dir / 'checkpoint'}; continue with the same "
-                        f"command and --resume", flush=True)
-    after = None if stopping else run_eval("final")
+    before = None if args.resume else run_eval(run, step, "step0")
+    step, stopped_by = train_loop(run, step, total_steps)
+    if stopped_by:
+        parallel.print0(f"stopped by {stopped_by} after step {step}/{total_steps}: checkpoint in "
+                        f"{run.out_dir / 'checkpoint'}; continue with the same command and --resume", flush=True)
+    after = None if stopped_by else run_eval(run, step, "final")
     if before is not None and after is not None and before["overall"] is not None:
         parallel.print0(before_after(before, after))
     parallel.shutdown()

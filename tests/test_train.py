@@ -219,3 +219,60 @@ def test_slake_without_data_root_says_where_to_put_it(tmp_path):
     message = str(err.value)
     assert str(REPO / "datasets" / "slake") in message and "imgs/xmlabN/source.jpg" in message
     assert "--data-root" in message
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--save-every", "0"), ("--updates-per-rollout", "0"), ("--max-new-tokens", "0"), ("--eval-batch-size", "0"),
+    ("--kl-coef", "-1"), ("--epochs", "0"), ("--max-steps", "-1"), ("--eval-every", "-1"), ("--lr", "nan"),
+    ("--clip-eps", "0"), ("--temperature", "0"), ("--top-p", "1.5"), ("--grad-clip", "-1"), ("--seed", "-1"),
+])
+def test_every_flag_is_range_checked_before_any_work(flag, value, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        train.main(["--out-dir", str(tmp_path / "run"), flag, value])
+    message = str(err.value)
+    assert message.startswith(f"{flag} ") and ": must be" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_synthetic_data_root_is_an_error_not_a_new_benchmark(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root .*typo: no such folder"):
+        train.main(["--out-dir", str(tmp_path / "run"), "--data-root", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "run").exists()
+
+
+def test_corrupt_image_is_found_before_any_model_loads(slake_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "slake"
+    shutil.copytree(slake_folder, broken)
+    (broken / "imgs" / "xmlab1" / "source.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as err:  # --model tiny: the offline model is never built or loaded
+        train.main(["--data-root", str(broken), "--dataset", "slake", "--out-dir", str(tmp_path / "run")])
+    assert "xmlab1/source.jpg" in str(err.value) and "cannot read image" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_resume_and_overwrite(tiny_model_dir, slake_folder, tmp_path, capsys):
+    """A non-empty --out-dir refuses a fresh run; a changed run-defining flag refuses --resume; --lr and
+    --max-steps may change on resume and take effect; resuming a finished run adds no second row."""
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="is not empty: add --resume"):
+        train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="--group-size was 4 in the checkpoint, now 2"):
+        train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "1", "--resume", "--group-size", "2"))
+    train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "1", "--resume"))  # finished already
+    rows = read_metrics(out)
+    assert [m.get("eval") for m in rows] == ["step0", None, "final"]
+
+    step1 = weights(out / "checkpoint")
+    capsys.readouterr()
+    train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "2", "--resume", "--lr", "1e-2"))
+    assert "--lr 0.001 -> 0.01 (takes effect from the next step)" in capsys.readouterr().out
+    step2 = weights(out / "checkpoint")
+    moved = torch.cat([(step2[k] - step1[k]).abs().flatten() for k in step1]).mean().item()
+    assert moved > 2e-3  # an AdamW step moves weights by about lr: 1e-2 took effect, not the saved 1e-3
+    assert [m["step"] for m in train_steps(read_metrics(out))] == [1, 2]
+
+    train.main(run_args(tiny_model_dir, slake_folder, out, "--max-steps", "1", "--overwrite"))
+    assert [m["step"] for m in train_steps(read_metrics(out))] == [1]

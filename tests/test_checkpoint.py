@@ -1,0 +1,73 @@
+"""checkpoint.py: the newest complete checkpoint is found whatever state the swap was in, a changed
+run-defining flag is refused, metrics.jsonl is truncated to the checkpoint's step, and NaN becomes null."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import checkpoint
+
+
+def fake_checkpoint(folder, step, complete=True):
+    folder.mkdir(parents=True)
+    torch.save({"step": step}, folder / "trainer_state.pt")
+    if complete:
+        (folder / "COMPLETE").write_text(f"step {step}\n")
+
+
+def test_swap_window_resumes_from_the_new_checkpoint(tmp_path):
+    """Killed after checkpoint -> checkpoint.old, before checkpoint.tmp -> checkpoint: two complete copies."""
+    fake_checkpoint(tmp_path / "checkpoint.old", 10)
+    fake_checkpoint(tmp_path / "checkpoint.tmp", 20)
+    message = checkpoint.recover(tmp_path)
+    assert "checkpoint.tmp" in message and "step 20" in message
+    assert checkpoint.complete_step(tmp_path / "checkpoint") == 20
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.old").exists()
+
+
+@pytest.mark.parametrize("folders, expected", [
+    ({"checkpoint": (10, True)}, 10),
+    ({"checkpoint": (10, True), "checkpoint.tmp": (20, False)}, 10),  # killed while writing the new one
+    ({"checkpoint": (20, True), "checkpoint.old": (10, True)}, 20),  # killed before removing the old one
+    ({"checkpoint.old": (10, True), "checkpoint.tmp": (20, True)}, 20),  # killed between the two renames
+    ({"checkpoint.old": (10, True), "checkpoint.tmp": (20, False)}, 10),
+])
+def test_newest_complete_checkpoint_in_every_state_of_the_swap(tmp_path, folders, expected):
+    for name, (step, complete) in folders.items():
+        fake_checkpoint(tmp_path / name, step, complete)
+    checkpoint.recover(tmp_path)
+    assert checkpoint.complete_step(tmp_path / "checkpoint") == expected
+
+
+def test_no_complete_checkpoint_refuses(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoint.tmp", 5, complete=False)
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        checkpoint.recover(tmp_path)
+
+
+def test_changed_flags_are_refused_or_take_effect():
+    saved = {"seed": 0, "group_size": 8, "lr": 3e-5, "max_steps": 10, "resume": False}
+    with pytest.raises(SystemExit, match="--group-size was 8 in the checkpoint, now 4"):
+        checkpoint.check_run_flags(saved, dict(saved, group_size=4, resume=True))
+    with pytest.raises(SystemExit, match="--seed"):
+        checkpoint.check_run_flags(saved, dict(saved, seed=1))
+    notes = checkpoint.check_run_flags(saved, dict(saved, lr=1e-4, max_steps=20, resume=True))
+    assert any(note.startswith("--lr 3e-05 -> 0.0001") for note in notes) and len(notes) == 3
+
+
+def test_truncate_keeps_rows_up_to_the_checkpoint_and_redoes_its_evaluations(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval": "step0"}, {"step": 1}, {"step": 2}, {"step": 2, "eval": "step2"}, {"step": 3},
+            {"step": 3, "eval": "final"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert checkpoint.truncate_rows(path, 2) == 3
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
+
+
+def test_nan_is_written_as_null(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    checkpoint.append_row(path, {"step": 1, "hit_rate": math.nan, "kl": math.inf, "nested": [math.nan, 1.0]})
+    assert json.loads(path.read_text()) == {"step": 1, "hit_rate": None, "kl": None, "nested": [None, 1.0]}
+    assert "NaN" not in path.read_text()
