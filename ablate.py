@@ -39,7 +39,7 @@ HIT_WINDOW = 10  # steps averaged for the hit rate "at the start" and "at the en
 
 def run_row(out_dir, pseudo_label, reward_kind, seed, train_flags):
     """One train.py run; returns its metrics.jsonl entries and wall time."""
-    cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--seed", str(seed),
+    cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--overwrite", "--seed", str(seed),
            "--pseudo-label", pseudo_label, "--reward", reward_kind, *train_flags]
     t0 = time.time()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
