@@ -24,6 +24,8 @@ at and after it, which the resumed run redoes: no row ever appears twice. NaN is
 import json
 import math
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,8 +68,9 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
     parallel.barrier()
     # full fp32 weights on rank 0 (gathered from the shards under FSDP2), every rank's optimizer shard
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer",
-             no_dist=not parallel.dist.is_initialized())
+    with one_process_is_fine():
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer",
+                 no_dist=not parallel.dist.is_initialized())
     rng_states = parallel.gather_lists([generator.get_state()])
     if parallel.is_rank0():
         policy.save_pretrained(tmp, state_dict=weights)
@@ -79,6 +82,14 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
         (tmp / "COMPLETE").write_text(f"step {step}\n")
         swap_in(out_dir)
     parallel.barrier()
+
+
+@contextmanager
+def one_process_is_fine():
+    """torch.distributed.checkpoint warns at every call without a process group; one process is a supported run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def swap_in(out_dir):
@@ -149,7 +160,8 @@ def load_trainer_state(out_dir, policy, optimizer, generator, rank, world_size, 
         raise SystemExit(f"--resume: the checkpoint was written by {len(state['sampler_rng'])} processes, "
                          f"this run has {world_size}")
     optimizer_state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
-    dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())
+    with one_process_is_fine():
+        dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())
     set_optimizer_state_dict(policy, optimizer, optimizer_state["optimizer"])
     for group in optimizer.param_groups:  # --lr may change on resume (RESUME_MAY_CHANGE)
         group["lr"] = lr

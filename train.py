@@ -452,7 +452,9 @@ class Run:
 def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     """Policy (fp32), reference (compute dtype), optimizer; restored from the checkpoint on --resume."""
     start_from = Path(args.out_dir) / "checkpoint" if args.resume else model_name
-    policy, tokenizer, image_processor = modeling.load(start_from, device, dtype=torch.float32)
+    # sharded: loaded on the CPU; fully_shard moves each unit's shard to this rank's device (no full GPU replica)
+    policy, tokenizer, image_processor = modeling.load(start_from, torch.device("cpu") if sharded else device,
+                                                       dtype=torch.float32)
     reference = None
     if args.kl_coef > 0:
         reference, _, _ = modeling.load(model_name, device, dtype=parallel.DTYPES[args.dtype])
