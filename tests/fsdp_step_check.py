@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,7 +46,18 @@ loss, stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
 loss.backward()
 grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
 optimizer.step()
+
+# The rollout gathers each FSDP unit once, however many tokens it samples (counting FSDP's all-gathers).
+all_gathers = []
+real_all_gather = _fsdp_param_group.foreach_all_gather
+_fsdp_param_group.foreach_all_gather = lambda *a, **k: all_gathers.append(1) or real_all_gather(*a, **k)
+policy.eval()
+with parallel.gathered(policy, torch.float32):
+    rollout.sample(policy, tokenizer, prompt, G, 6, 1.0, 1.0, torch.Generator().manual_seed(1))
+_fsdp_param_group.foreach_all_gather = real_all_gather
+
 weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
-    torch.save({"weights": weights, "grad_norm": grad_norm}, out_path)
+    torch.save({"weights": weights, "grad_norm": grad_norm, "rollout_all_gathers": len(all_gathers),
+                "fsdp_units": len(parallel.fsdp_units(policy))}, out_path)
 parallel.shutdown()

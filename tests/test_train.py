@@ -139,6 +139,8 @@ def test_two_process_fsdp_update_equals_one_process(tiny_model_dir, slake_folder
         # equal up to float32 summation order: within 5% of one update step (lr 1e-3) of each other
         assert (two["weights"][name] - w).abs().max().item() <= 5e-5, name
     assert all((w - start[name]).abs().max() > 0 for name, w in one["weights"].items())  # every weight was updated
+    assert two["fsdp_units"] == 2 + 2 + 1  # 2 decoder layers, 2 vision blocks, the root
+    assert two["rollout_all_gathers"] == two["fsdp_units"]  # one gather per unit for a 6-token rollout
 
 
 def test_two_process_preempted_run_resumes_exactly(tiny_model_dir, slake_folder, tmp_path):
@@ -182,12 +184,13 @@ def test_two_process_preempted_run_resumes_exactly(tiny_model_dir, slake_folder,
 
 
 def test_kill_and_resume_continues_exactly(tiny_model_dir, slake_folder, tmp_path):
+    """One process with the GPU defaults (bf16, gradient checkpointing, --eval-every 1, 2 updates per rollout)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(run_args(tiny_model_dir, slake_folder, straight, "--max-steps", "3", "--save-every", "1"))
-    train.main(run_args(tiny_model_dir, slake_folder, resumed, "--max-steps", "2", "--save-every", "1"))
+    train.main(run_args(tiny_model_dir, slake_folder, straight, "--max-steps", "3", *GPU_DEFAULTS))
+    train.main(run_args(tiny_model_dir, slake_folder, resumed, "--max-steps", "2", *GPU_DEFAULTS))
     state = torch.load(resumed / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2
-    train.main(run_args(tiny_model_dir, slake_folder, resumed, "--max-steps", "3", "--save-every", "1", "--resume"))
+    train.main(run_args(tiny_model_dir, slake_folder, resumed, "--max-steps", "3", "--resume", *GPU_DEFAULTS))
     a, b = train_steps(read_metrics(straight)), train_steps(read_metrics(resumed))
     assert [m["step"] for m in b] == [1, 2, 3]
     assert_same_steps(a, b, [3])
