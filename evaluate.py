@@ -249,7 +249,14 @@ def main():
     args = parser.parse_args()
     if args.dataset != "synthetic" and args.data_root is None:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root")
-    records = data.load_split(args.dataset, args.data_root or SYNTHETIC_DIR, args.split, lang=args.lang)
+    for flag, value in [("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)]:
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be an integer >= 1")
+    try:
+        records = data.load_split(args.dataset, args.data_root or SYNTHETIC_DIR, args.split, lang=args.lang)
+        data.check_images_open(records, f"{args.dataset}/{args.split}")  # before the model loads
+    except (OSError, ValueError) as err:
+        raise SystemExit(str(err)) from err
     model, tokenizer, image_processor = modeling.load(args.model)
     preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix, args.max_new_tokens)
     print(format_table(score_predictions(records, preds)))
