@@ -206,3 +206,13 @@ def truncate_rows(path, step):
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     tmp.replace(path)
     return len(rows) - len(kept)
+
+
+def first_evaluation(out_dir):
+    """The run's evaluation before training (metrics.jsonl's step-0 row), for a resumed run's collapse monitor."""
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    first = next((r for r in rows if r.get("eval") == "step0"), None)
+    if first is None:
+        raise SystemExit(f"--resume: {path} has no step-0 evaluation row, which the collapse monitor compares with")
+    return first

@@ -37,6 +37,8 @@ Run it (greedy answers, then the table; per-question predictions go to a JSONL f
 
 import argparse
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -148,6 +150,22 @@ def score_predictions(records, preds):
         "n_closed": len(closed_scores),
         "n_unlabeled": n_unlabeled,
     }
+
+
+def answer_statistics(records, preds):
+    """Label-free statistics of a split's answers: the collapse monitor of self-labelled RL.
+
+    closed_top_share  share of the CLOSED questions given their single most frequent answer (1.0: one
+                      answer to every yes/no question); answer_type is a property of the question, not its answer
+    answer_entropy    entropy (nats) of the distribution of answers over all questions
+    Answers are compared after normalize_for_eval; None where there is no question of that kind.
+    """
+    answers = [normalize_for_eval(p) for p in preds]
+    closed = [a for a, r in zip(answers, records) if str(r["answer_type"]).strip().upper() == "CLOSED"]
+    counts = Counter(answers)
+    entropy = -sum(c / len(answers) * math.log(c / len(answers)) for c in counts.values()) if answers else None
+    return {"closed_top_share": max(Counter(closed).values()) / len(closed) if closed else None,
+            "answer_entropy": entropy}
 
 
 def format_table(scores):

@@ -90,7 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--f1-weight", type=float, default=reward.DEFAULT_F1_WEIGHT,
                    help="HSR: share of token F1 (vs cosine) in the soft tier")
     # sampling
-    p.add_argument("--group-size", type=int, default=8, help="answers sampled per question (G)")
+    p.add_argument("--group-size", type=int, default=8, help="answers sampled per question and trained on (G)")
+    p.add_argument("--label-samples", type=int, default=None,
+                   help="answers sampled per question to choose the pseudo label from (N >= G; default G): majority "
+                        "vote or FPL over all N, GRPO on the first G (TTRL votes on 64, trains on 32)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling mass")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer sampled or evaluated")
@@ -120,6 +123,13 @@ def parse_args(argv=None):
                    help="evaluate every N steps (always before and after; 0 = only those)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="questions per greedy evaluation batch")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--stop-on-collapse", action="store_true",
+                   help="stop when an evaluation shows collapse (see --collapse-*), keeping the checkpoint of the "
+                        "last healthy evaluation; checkpoints then follow evaluations (needs --eval-every)")
+    p.add_argument("--collapse-closed-share", type=float, default=0.9,
+                   help="collapse: the most frequent answer covers at least this share of the CLOSED questions")
+    p.add_argument("--collapse-entropy-ratio", type=float, default=0.5,
+                   help="collapse: the answers' entropy falls below this fraction of its value before training")
     p.add_argument("--dtype", default="auto", choices=["auto", *parallel.DTYPES],
                    help="compute dtype; master weights and AdamW state are always fp32 (auto: bfloat16 on CUDA, "
                         "float32 on CPU)")
@@ -134,6 +144,7 @@ def parse_args(argv=None):
     args.lr = args.lr if args.lr is not None else 3e-5 if args.model == "tiny" else 1e-6
     args.dtype = args.dtype if args.dtype != "auto" else "bfloat16" if cuda else "float32"
     args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    args.label_samples = args.group_size if args.label_samples is None else args.label_samples
     return args
 
 
@@ -157,6 +168,8 @@ RANGES = [  # (flag, test, what it must be)
     ("eval_every", lambda v: v >= 0, "an integer >= 0 (0 = only before and after)"),
     ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("save_every", lambda v: v >= 1, "an integer >= 1"),
+    ("collapse_closed_share", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("collapse_entropy_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -166,6 +179,11 @@ def check_args(args, world_size, distributed):
         value = getattr(args, name)
         if value != value or not ok(value):  # value != value: NaN
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must_be}")
+    if args.label_samples < args.group_size:
+        raise SystemExit(f"--label-samples {args.label_samples}: must be >= --group-size ({args.group_size}); the "
+                         f"pseudo label is chosen from N samples, G of which are trained on")
+    if args.stop_on_collapse and not args.eval_every:
+        raise SystemExit("--stop-on-collapse reads the evaluations: give --eval-every N as well")
     if args.questions_per_step % world_size:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the number of "
                          f"processes ({world_size})")
@@ -237,6 +255,7 @@ class RolloutScores:
     rewards: torch.Tensor  # [N]
     labels: torch.Tensor  # [N // G] index of each group's pseudo label within the group
     advantages: torch.Tensor  # [N]
+    consensus: float  # share of the label samples equal to their pseudo label (TTRL's majority ratio)
 
 
 def clock(device):
@@ -266,20 +285,58 @@ def teacher_forced(model, prompt, out, group_size, dtype):
                                                     group_size)
 
 
-def score_rollout(logp, hidden, reference, prompt, out, group_size, args, refs, timings):
-    """The first update's view of a fresh rollout: pseudo labels, rewards, advantages, reference log-probs."""
+def label_hidden(policy, prompt, out, hidden, group_size, args):
+    """Hidden states of all N label samples [B*N, T, D]: the trained rows' from the policy forward, the
+    other N - G rows' from one more forward without gradient (the only extra cost of --label-samples)."""
+    N, G = args.label_samples, group_size
+    if N == G:
+        return hidden
+    rows = [r for r in range(out.completion_ids.shape[0]) if r % N >= G]
+    with torch.no_grad():
+        _, extra = teacher_forced(policy, prompt, select_rows(out, rows), N - G, parallel.DTYPES[args.dtype])
+    B, T = out.completion_ids.shape[0] // N, hidden.shape[1]
+    return torch.cat([hidden.detach().view(B, G, T, -1), extra.view(B, N - G, T, -1)], dim=1).flatten(0, 1)
+
+
+def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings):
+    """The first update's view of a fresh rollout: pseudo labels (over all N label samples in `out`), rewards
+    and advantages (of the G trained answers, the first G of each question), reference log-probs."""
     t0 = clock(logp.device)
-    rewards, labels = rewards_for_rollout(hidden, out, group_size, args, refs)
-    advantages = grpo.group_advantages(rewards.to(logp.device), group_size, scale=args.adv_scale)
+    N, G = args.label_samples, group_size
+    hidden_all = label_hidden(policy, prompt, out, hidden, G, args)  # [B*N, T, D]
+    rewards_all, labels = rewards_for_rollout(hidden_all, out, N, args, refs)  # [B*N], [B] indices within N
+    rewards = rewards_all.view(-1, N)[:, :G].reshape(-1)  # [B*G]
+    advantages = grpo.group_advantages(rewards.to(logp.device), G, scale=args.adv_scale)
+    consensus = label_consensus(out.texts, N, labels)
     t1 = clock(logp.device)
     ref_logp = None
     if args.kl_coef > 0:
         with torch.no_grad():
-            ref_logits, _ = teacher_forced(reference, prompt, out, group_size, parallel.DTYPES[args.dtype])
-            ref_logp = grpo.token_logprobs(ref_logits, out.completion_ids)
+            trained = first_of_each_group(out, N, G)
+            ref_logits, _ = teacher_forced(reference, prompt, trained, G, parallel.DTYPES[args.dtype])
+            ref_logp = grpo.token_logprobs(ref_logits, trained.completion_ids)
     add_time(timings, "fpl_hsr", t1 - t0)
     add_time(timings, "reference_forward", clock(logp.device) - t1)
-    return RolloutScores(logp.detach(), ref_logp, rewards, labels, advantages)
+    return RolloutScores(logp.detach(), ref_logp, rewards, labels, advantages, consensus)
+
+
+def label_consensus(texts, group_size, labels):
+    """Mean over groups of the share of answers equal (normalised) to the group's pseudo label."""
+    label_texts = centroid.label_texts(texts, group_size, labels)
+    agree = [reward.exact_match(text, label_texts[i // group_size]) for i, text in enumerate(texts)]
+    return sum(agree) / len(agree)
+
+
+def select_rows(out, rows):
+    """The sub-rollout of the given answer rows."""
+    return rollout.Rollout(out.completion_ids[rows], out.completion_mask[rows], [out.texts[r] for r in rows])
+
+
+def first_of_each_group(out, label_samples, group_size):
+    """The G answers of each question that GRPO trains on: the first G of its N label samples."""
+    if label_samples == group_size:
+        return out
+    return select_rows(out, [r for r in range(len(out.texts)) if r % label_samples < group_size])
 
 
 def add_time(timings, name, seconds):
@@ -294,14 +351,15 @@ def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, tim
     Returns (loss, stats, scores).
     """
     timings = {} if timings is None else timings
+    trained = first_of_each_group(out, args.label_samples, group_size)  # out holds N label samples per question
     t0 = clock(policy.device)
-    logits, hidden = teacher_forced(policy, prompt, out, group_size, parallel.DTYPES[args.dtype])
-    logp = grpo.token_logprobs(logits, out.completion_ids)  # [N, T] float32
+    logits, hidden = teacher_forced(policy, prompt, trained, group_size, parallel.DTYPES[args.dtype])
+    logp = grpo.token_logprobs(logits, trained.completion_ids)  # [B*G, T] float32
     del logits
     add_time(timings, "policy_forward", clock(policy.device) - t0)
     if scores is None:
-        scores = score_rollout(logp, hidden, reference, prompt, out, group_size, args, refs, timings)
-    mask = out.completion_mask.to(logp.dtype)
+        scores = score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings)
+    mask = trained.completion_mask.to(logp.dtype)
     loss, stats = grpo.grpo_loss(logp, scores.old_logp, scores.ref_logp, scores.advantages, mask,
                                  clip_eps=args.clip_eps, kl_coef=args.kl_coef, agg=args.loss_agg)
     return loss, {k: float(v) for k, v in stats.items()}, scores
@@ -309,14 +367,14 @@ def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, tim
 
 def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator):
     """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> backward (FSDP reduces) -> AdamW."""
-    G, dtype = args.group_size, parallel.DTYPES[args.dtype]
+    G, N, dtype = args.group_size, args.label_samples, parallel.DTYPES[args.dtype]
     timings = {}
     t0 = clock(policy.device)
     prompt = rollout.build_inputs(tokenizer, image_processor, records, args.prompt_suffix, policy.device)
     policy.eval()  # sampling needs the KV cache, which gradient checkpointing turns off in train mode
     with parallel.gathered(policy, dtype):
-        out = rollout.sample(policy, tokenizer, prompt, G, args.max_new_tokens, args.temperature, args.top_p,
-                             generator)
+        out = rollout.sample(policy, tokenizer, prompt, N, args.max_new_tokens, args.temperature, args.top_p,
+                             generator)  # N >= G answers per question
     timings["rollout"] = clock(policy.device) - t0
     policy.train()
     refs = answers if args.reward == "oracle" else None  # the supervised upper bound reads labels; Med-Evo never does
@@ -333,10 +391,11 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
                                                                                    args.grad_clip))
         optimizer.step()
         add_time(timings, "backward_and_step", clock(policy.device) - t_backward)
-    label_texts = centroid.label_texts(out.texts, G, scores.labels)
+    label_texts = centroid.label_texts(out.texts, N, scores.labels)
     stats.update(
         reward=float(scores.rewards.mean()),
-        answer_length=float(out.completion_mask.sum(1).float().mean()),
+        consensus=scores.consensus,
+        answer_length=float(first_of_each_group(out, N, G).completion_mask.sum(1).float().mean()),
         hit_rate=pseudo_label_hit_rate(label_texts, records, answers),
         **{f"seconds_{k}": v for k, v in timings.items()},
     )
@@ -367,7 +426,7 @@ def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, wor
                                  prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
     by_qid = dict(parallel.gather_lists([(r["qid"], p) for r, p in zip(ranks_share, preds)]))
     preds = [by_qid[r["qid"]] for r in labelled]
-    scores = evaluate.score_predictions(labelled, preds)
+    scores = dict(evaluate.score_predictions(labelled, preds), **evaluate.answer_statistics(labelled, preds))
     if rank == 0:
         evaluate.write_predictions(out_dir / f"predictions_{tag}.jsonl", labelled, preds)
     return scores
@@ -447,6 +506,8 @@ class Run:
     rank: int
     world_size: int
     out_dir: Path
+    baseline: dict | None = None  # the evaluation before training: the collapse monitor compares with it
+    saved_step: int | None = None  # the step of the newest checkpoint written by this process
 
 
 def load_run(args, model_name, labelled, device, rank, world_size, sharded):
@@ -530,13 +591,46 @@ def record(run, row):
 def run_eval(run, step, tag):
     scores = evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
                             run.world_size, tag, run.out_dir)
-    parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores))
+    parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores) + "\n" + format_monitor(scores))
     record(run, {"step": step, "eval": tag, **scores})
     return scores
 
 
+def save(run, step):
+    checkpoint.save(run.out_dir, run.policy, run.tokenizer, run.image_processor, run.optimizer, step,
+                    run_flags(run.args), run.generator)
+    run.saved_step = step
+
+
+def collapse_reason(scores, baseline, args):
+    """Why an evaluation looks collapsed, from the answers alone (no labels); None if it looks healthy.
+
+    Collapse is the known failure of self-labelled RL: GRPO sharpens the pseudo labels' noise until the
+    policy gives one answer to everything. Two signs, each relative to the evaluation before training:
+      * the most frequent answer covers >= --collapse-closed-share of the CLOSED questions (and did not
+        before training: a split whose yes/no answers are that one-sided cannot show this sign);
+      * the entropy of all answers fell below --collapse-entropy-ratio x its value before training.
+    """
+    share, base_share = scores["closed_top_share"], baseline["closed_top_share"]
+    if share is not None and share >= args.collapse_closed_share > base_share:
+        return f"one answer to {100 * share:.1f}% of the CLOSED questions (before training: {100 * base_share:.1f}%)"
+    entropy, base_entropy = scores["answer_entropy"], baseline["answer_entropy"]
+    if entropy is not None and entropy < args.collapse_entropy_ratio * base_entropy:
+        return f"answer entropy {entropy:.3f} nats, below {args.collapse_entropy_ratio:g} x {base_entropy:.3f} before"
+    return None
+
+
+def format_monitor(scores):
+    share = "-" if scores["closed_top_share"] is None else f"{100 * scores['closed_top_share']:.1f}%"
+    return f"collapse monitor: top CLOSED answer share {share}, answer entropy {scores['answer_entropy']:.3f} nats"
+
+
 def train_loop(run, step, total_steps):
-    """GRPO steps until total_steps, or until a SIGTERM / SIGINT; returns (step, the signal's name or None)."""
+    """GRPO steps until total_steps, a SIGTERM / SIGINT, or (--stop-on-collapse) a collapse.
+
+    Returns (step, why it stopped early or None). With --stop-on-collapse, checkpoints are written after
+    healthy evaluations only, so the checkpoint left behind is the last one before the collapse.
+    """
     args = run.args
     answers_by_qid = {r["qid"]: r["answer"] for r in run.labelled}  # diagnostics and the oracle ablation only
     unlabeled = [dict(r, answer=None) for r in run.labelled]  # what training sees
@@ -555,14 +649,28 @@ def train_loop(run, step, total_steps):
             log_step(step, total_steps, stats, (time.time() - t_start) / (step - first_step) * (total_steps - step))
             record(run, {"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})
             stopping = parallel.any_rank(received)
-            if step % args.save_every == 0 or step == total_steps or stopping:
-                checkpoint.save(run.out_dir, run.policy, run.tokenizer, run.image_processor, run.optimizer, step,
-                                run_flags(args), run.generator)
+            if stopping or (not args.stop_on_collapse and (step % args.save_every == 0 or step == total_steps)):
+                save(run, step)
             if stopping:
                 return step, received[0] if received else "a signal to another rank"
             if evaluation_due(step, args, total_steps):
-                run_eval(run, step, f"step{step}")
+                scores = run_eval(run, step, f"step{step}")
+                reason = collapse_reason(scores, run.baseline, args) if args.stop_on_collapse else None
+                if reason:
+                    return step, f"collapse: {reason}"
+                if args.stop_on_collapse:
+                    save(run, step)
     return step, None
+
+
+def report_stop(run, step, total_steps, stopped_by):
+    if stopped_by.startswith("collapse"):
+        kept = f"step {run.saved_step}" if run.saved_step is not None else "none (the base model was the last healthy)"
+        parallel.print0(f"stopped at step {step}/{total_steps} by a {stopped_by}; checkpoint kept from the last "
+                        f"healthy evaluation: {kept}, in {run.out_dir / 'checkpoint'}", flush=True)
+    else:
+        parallel.print0(f"stopped by {stopped_by} after step {step}/{total_steps}: checkpoint in "
+                        f"{run.out_dir / 'checkpoint'}; continue with the same command and --resume", flush=True)
 
 
 def main(argv=None):
@@ -583,11 +691,18 @@ def main(argv=None):
         f"{args.pseudo_label}, reward {args.reward}" + (f" | resumed at step {step}" if args.resume else "")]))
 
     before = None if args.resume else run_eval(run, step, "step0")
+    if args.stop_on_collapse:
+        run.baseline = before or on_rank0(checkpoint.first_evaluation, run.out_dir)
     step, stopped_by = train_loop(run, step, total_steps)
     if stopped_by:
-        parallel.print0(f"stopped by {stopped_by} after step {step}/{total_steps}: checkpoint in "
-                        f"{run.out_dir / 'checkpoint'}; continue with the same command and --resume", flush=True)
+        report_stop(run, step, total_steps, stopped_by)
     after = None if stopped_by else run_eval(run, step, "final")
+    if after is not None and args.stop_on_collapse:  # the last step's checkpoint waits for this evaluation
+        reason = collapse_reason(after, run.baseline, args)
+        if reason is None:
+            save(run, step)
+        else:
+            report_stop(run, step, total_steps, f"collapse: {reason}")
     if before is not None and after is not None and before["overall"] is not None:
         parallel.print0(before_after(before, after))
     parallel.shutdown()
