@@ -1,21 +1,27 @@
-"""The miniature Med-Evo experiment: the ablation table and the evolution curve (paper Fig. 3).
+"""The miniature Med-Evo experiment: the ablation table, its spread over base models, and the evolution curve.
 
-Each row adapts the same tiny base model on the synthetic target split (unlabeled) with one
-combination of pseudo-labeler and reward, over several seeds, and reports the mean +- std of
-the final scores on that split:
+Each row adapts a tiny base model on the synthetic target `test` split (unlabeled) with one combination
+of pseudo-labeler, reward and vote size, and reports the final greedy scores on that split:
 
-    base        no adaptation (greedy answers of the warm-started model)
-    TTRL        majority vote + exact-match reward
-    FPL+exact   feature-driven pseudo label + exact-match reward
-    maj+HSR     majority vote + hard-soft reward
-    Med-Evo     FPL + HSR
-    oracle      exact match against the ground truth: the supervised upper bound
+    base              no adaptation (greedy answers of the warm-started model)
+    TTRL              majority vote + exact-match reward
+    FPL + exact       feature-driven pseudo label + exact-match reward
+    majority + HSR    majority vote + hard-soft reward
+    Med-Evo           FPL + HSR
+    oracle            exact match against the ground truth: the supervised upper bound
+    ... N = 32        TTRL and Med-Evo choosing the pseudo label from 32 samples (--label-samples 32),
+                      training on G = 8 of them
 
-Every row runs `train.py` with the same flags except --pseudo-label/--reward; nothing here is
-tuned per row. It writes <out>/table.md, <out>/results.json and, with matplotlib installed,
-<out>/evolution.png (mean reward and overall score against step for the Med-Evo runs).
+Every row runs `train.py` with the same flags (HPARAMS, chosen once on the target-domain `dev` split,
+see README) except the method's; nothing is tuned per row or on `test`. Each row runs on every base
+model (separate warm starts: `python tiny.py --seed S`) and every RL seed. Written to --out:
+table.md, ablation.json (rows -> metrics with mean, std and per-run values; the paired Med-Evo - TTRL
+differences; per question type), evolution.png (with matplotlib), and each run's folder.
 
-    python ablate.py --seeds 0 1 2            # about 5 minutes a seed on 2 CPU cores
+    python ablate.py --base-seeds 0 1 2 --rl-seeds 0 --out runs/ablation
+
+The collapse monitor (train.py --stop-on-collapse) is evaluated after the fact on every run's
+evaluations: where would it have stopped, and what score would the kept checkpoint have had.
 """
 
 import argparse
@@ -26,120 +32,265 @@ import sys
 import time
 from pathlib import Path
 
+import tiny
+import train
+
 REPO = Path(__file__).resolve().parent
-ROWS = [  # (name, --pseudo-label, --reward)
-    ("TTRL (majority + exact)", "majority", "exact"),
-    ("FPL + exact", "fpl", "exact"),
-    ("majority + HSR", "majority", "hsr"),
-    ("Med-Evo (FPL + HSR)", "fpl", "hsr"),
-    ("oracle reward (ground truth)", "fpl", "oracle"),
+ROWS = [  # (key, name, train.py flags)
+    ("ttrl", "TTRL (majority + exact)", ["--pseudo-label", "majority", "--reward", "exact"]),
+    ("fpl-exact", "FPL + exact", ["--pseudo-label", "fpl", "--reward", "exact"]),
+    ("majority-hsr", "majority + HSR", ["--pseudo-label", "majority", "--reward", "hsr"]),
+    ("medevo", "Med-Evo (FPL + HSR)", ["--pseudo-label", "fpl", "--reward", "hsr"]),
+    ("oracle", "oracle reward (ground truth)", ["--pseudo-label", "fpl", "--reward", "oracle"]),
+    ("ttrl-n32", "TTRL, label from N = 32",
+     ["--pseudo-label", "majority", "--reward", "exact", "--label-samples", "32"]),
+    ("medevo-n32", "Med-Evo, label from N = 32",
+     ["--pseudo-label", "fpl", "--reward", "hsr", "--label-samples", "32"]),
 ]
-HIT_WINDOW = 10  # steps averaged for the hit rate "at the start" and "at the end"
+# Chosen once on the dev split (README, "Hyperparameters"), the same for every row.
+HPARAMS = ["--lr", "3e-5", "--epochs", "1", "--kl-coef", "0.04"]
+FIXED = ["--dataset", "synthetic", "--split", "test", "--group-size", "8", "--temperature", "1.0",
+         "--eval-every", "25", "--save-every", "100000"]
+WINDOW = 10  # steps averaged for "start" and "end" of the hit rate and consensus
+METRICS = ["overall", "open_recall", "closed_acc"]
 
 
-def run_row(out_dir, pseudo_label, reward_kind, seed, train_flags):
-    """One train.py run; returns its metrics.jsonl entries and wall time."""
-    cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--overwrite", "--seed", str(seed),
-           "--pseudo-label", pseudo_label, "--reward", reward_kind, *train_flags]
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def base_model_dir(seed):
+    return tiny.TINY_BASE_DIR if seed == 0 else tiny.TINY_BASE_DIR.with_name(f"tiny-base-seed{seed}")
+
+
+def run_train(out_dir, model_dir, rl_seed, flags, extra):
+    """One train.py run; returns its metrics.jsonl rows and wall time."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--overwrite", "--model", str(model_dir),
+           "--seed", str(rl_seed), *FIXED, *HPARAMS, *flags, *extra]
     t0 = time.time()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return metrics, time.time() - t0
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, time.time() - t0
 
 
-def summarise(metrics, seconds):
-    evals = [m for m in metrics if "eval" in m]
-    steps = [m for m in metrics if "eval" not in m]
+# ----------------------------------------------------------------------------------------------
+# One run's summary
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def monitor_verdict(evals, args):
+    """Where --stop-on-collapse (its default thresholds) would have stopped, and the kept checkpoint's scores."""
+    base, kept = evals[0], evals[0]
+    for row in evals[1:]:
+        reason = train.collapse_reason(row, base, args)
+        if reason:
+            return {"fired_at_step": row["step"], "reason": reason, "kept_step": kept["step"],
+                    "kept": {k: kept[k] for k in METRICS}}
+        kept = row
+    return {"fired_at_step": None, "reason": None, "kept_step": evals[-1]["step"],
+            "kept": {k: evals[-1][k] for k in METRICS}}
+
+
+def summarise(rows, seconds, monitor_args):
+    evals = [r for r in rows if "eval" in r]
+    steps = [r for r in rows if "eval" not in r]
     return {
-        "before": evals[0], "after": evals[-1], "seconds": seconds,
-        "hit_start": statistics.mean(m["hit_rate"] for m in steps[:HIT_WINDOW]),
-        "hit_end": statistics.mean(m["hit_rate"] for m in steps[-HIT_WINDOW:]),
-        "curve": [(m["step"], m["reward"]) for m in steps],
-        "eval_curve": [(m["step"], m["overall"]) for m in evals],
+        "before": {k: evals[0][k] for k in METRICS}, "after": {k: evals[-1][k] for k in METRICS},
+        "seconds": seconds,
+        "hit_start": mean(r["hit_rate"] for r in steps[:WINDOW]),
+        "hit_end": mean(r["hit_rate"] for r in steps[-WINDOW:]),
+        "consensus_start": mean(r["consensus"] for r in steps[:WINDOW]),
+        "consensus_end": mean(r["consensus"] for r in steps[-WINDOW:]),
+        "closed_top_share": [(r["step"], r["closed_top_share"]) for r in evals],
+        "answer_entropy": [(r["step"], r["answer_entropy"]) for r in evals],
+        "reward_curve": [(r["step"], r["reward"]) for r in steps],
+        "consensus_curve": [(r["step"], r["consensus"]) for r in steps],
+        "score_curve": [(r["step"], r["overall"]) for r in evals],
+        "monitor": monitor_verdict(evals, monitor_args),
     }
 
 
-def mean_std(values):
+def by_content_type(run_dir, data_root, tag):
+    """Mean score per synthetic content_type of one evaluation's predictions."""
+    types = {e["qid"]: e["content_type"] for e in json.loads((Path(data_root) / "test.json").read_text())}
+    scores = {}
+    for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        scores.setdefault(types[p["qid"]], []).append(p["score"])
+    return {t: statistics.mean(v) for t, v in sorted(scores.items())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def spread(values):
+    """{"mean", "std", "values"} in percent (std over runs; 0 for one run)."""
     values = [100 * v for v in values]
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
 
 
-def table(results, seeds):
-    lines = [f"| method (n = {len(seeds)} seeds) | open recall | closed acc. | overall | hit rate start | hit rate end | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    first = results[ROWS[0][0]]
-    base = [r["before"] for r in first]
-    lines.append(f"| base model (no adaptation) | {mean_std([b['open_recall'] for b in base])} | "
-                 f"{mean_std([b['closed_acc'] for b in base])} | {mean_std([b['overall'] for b in base])} | – | – | – |")
-    for name, _, _ in ROWS:
-        runs = results[name]
-        after = [r["after"] for r in runs]
-        lines.append(f"| {name} | {mean_std([a['open_recall'] for a in after])} | {mean_std([a['closed_acc'] for a in after])} | "
-                     f"{mean_std([a['overall'] for a in after])} | {mean_std([r['hit_start'] for r in runs])} | "
-                     f"{mean_std([r['hit_end'] for r in runs])} | {statistics.mean(r['seconds'] for r in runs):.0f} |")
+def cell(s):
+    return f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+
+def aggregate(results, rows):
+    """rows -> metrics with mean, std and per-run values (percent)."""
+    first = results[rows[0][0]]
+    table = {"base model (no adaptation)": {k: spread([r["before"][k] for r in first]) for k in METRICS}}
+    for key, name, _ in rows:
+        runs = results[key]
+        table[name] = {k: spread([r["after"][k] for r in runs]) for k in METRICS}
+        for k in ["hit_start", "hit_end", "consensus_start", "consensus_end"]:
+            table[name][k] = spread([r[k] for r in runs])
+        table[name]["seconds"] = statistics.mean(r["seconds"] for r in runs)
+        table[name]["monitor_fired"] = sum(r["monitor"]["fired_at_step"] is not None for r in runs)
+        table[name]["monitor_kept_overall"] = spread([r["monitor"]["kept"]["overall"] for r in runs])
+    return table
+
+
+def markdown(table, n_runs):
+    lines = [f"| method (n = {n_runs} runs) | open recall | closed acc. | overall | hit rate start → end | "
+             "consensus start → end | monitor fired | overall kept by the monitor | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        if "hit_start" not in row:
+            lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} "
+                         "| – | – | – | – | – |")
+            continue
+        lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} | "
+                     f"{row['hit_start']['mean']:.1f} → {row['hit_end']['mean']:.1f} | "
+                     f"{row['consensus_start']['mean']:.1f} → {row['consensus_end']['mean']:.1f} | "
+                     f"{row['monitor_fired']}/{n_runs} | {cell(row['monitor_kept_overall'])} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def paired(results, a="medevo", b="ttrl"):
+    """Per run (same base model, same RL seed): a's final overall minus b's, in points."""
+    return [100 * (x["after"]["overall"] - y["after"]["overall"]) for x, y in zip(results[a], results[b])]
+
+
+def content_table(types):
+    """Mean over runs of each row's per-type score change against the base model, in points."""
+    names = list(types)  # "base", then the rows run
+    all_types = sorted(types["base"][0])
+    lines = ["| question type | base | " + " | ".join(n for n in names[1:]) + " |", "|---" * len(names) + "|---|"]
+    for t in all_types:
+        base = statistics.mean(100 * run[t] for run in types["base"])
+        deltas = [statistics.mean(100 * run[t] for run in types[name]) - base for name in names[1:]]
+        lines.append(f"| {t} | {base:.1f} | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
     return "\n".join(lines)
 
 
 def plot_evolution(runs, path):
-    """Mean reward (per step) and overall score (per evaluation) of the Med-Evo runs against step."""
+    """Med-Evo runs: reward and consensus per step (top); score, top CLOSED share and entropy per evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, left = plt.subplots(figsize=(7, 4))
-    right = left.twinx()
-    for seed, run in enumerate(runs):
-        steps, rewards = zip(*run["curve"])
-        left.plot(steps, rewards, color="tab:blue", alpha=0.35, label="mean reward (per step)" if seed == 0 else None)
-        steps, overall = zip(*run["eval_curve"])
-        right.plot(steps, [100 * x for x in overall], "o-", color="tab:red", label="overall score % (eval)" if seed == 0 else None)
-    left.set_xlabel("training step")
-    left.set_ylabel("mean HSR reward", color="tab:blue")
-    right.set_ylabel("overall score on the target split (%)", color="tab:red")
-    left.set_title("Med-Evo self-evolution on the synthetic target split (tiny Qwen2.5-VL)")
-    fig.legend(loc="lower right")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    entropy_axis = bottom.twinx()
+    for i, run in enumerate(runs):
+        def label(text):
+            return text if i == 0 else None
+
+        top.plot(*zip(*run["reward_curve"]), color="tab:blue", alpha=0.4, label=label("mean HSR reward"))
+        top.plot(*zip(*run["consensus_curve"]), color="tab:green", alpha=0.4, label=label("consensus"))
+        steps, overall = zip(*run["score_curve"])
+        bottom.plot(steps, [100 * x for x in overall], "o-", color="tab:red", label=label("overall score %"))
+        steps, share = zip(*run["closed_top_share"])
+        bottom.plot(steps, [100 * x for x in share], "s--", color="tab:purple", label=label("top CLOSED answer %"))
+        steps, entropy = zip(*run["answer_entropy"])
+        entropy_axis.plot(steps, entropy, "^:", color="tab:gray", label=label("answer entropy (nats)"))
+    top.set_ylabel("per training step")
+    top.legend(loc="lower right")
+    bottom.set_ylabel("per evaluation (%)")
+    entropy_axis.set_ylabel("answer entropy (nats)", color="tab:gray")
+    bottom.set_xlabel("training step")
+    bottom.legend(loc="lower left")
+    top.set_title("Med-Evo on the synthetic target split: reward, consensus and the collapse monitor")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+# ----------------------------------------------------------------------------------------------
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/ablation", help="where runs, table.md, results.json and evolution.png go")
+    parser.add_argument("--base-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="warm-start seeds of the base models")
+    parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0], help="train.py --seed of each run")
+    parser.add_argument("--rows", nargs="+", default=[key for key, _, _ in ROWS], help="row keys to run")
+    parser.add_argument("--out", default="runs/ablation",
+                        help="where the runs, table.md, ablation.json and evolution.png go")
     parser.add_argument("--no-plot", action="store_true", help="skip evolution.png (it needs matplotlib)")
-    parser.add_argument("train_flags", nargs=argparse.REMAINDER,
-                        help="flags after -- are passed to every train.py run (default: the demo's)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER,
+                        help="flags after -- go to every train.py run after ours (e.g. -- --max-steps 3 for a smoke "
+                             "test; a tuned flag here makes the table no longer the dev-chosen one)")
     args = parser.parse_args()
-    train_flags = [f for f in args.train_flags if f != "--"] or DEMO_FLAGS
+    extra = [f for f in args.extra if f != "--"]
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} is not empty: choose another folder so that no result is overwritten")
+    unknown = set(args.rows) - {key for key, _, _ in ROWS}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {[key for key, _, _ in ROWS]}")
     if not args.no_plot:
         import matplotlib  # noqa: F401  (fail now, not after the runs: pip install matplotlib, or --no-plot)
+    rows = [row for row in ROWS if row[0] in args.rows]
+    monitor_args = train.parse_args(["--stop-on-collapse", "--eval-every", "1"])  # the default thresholds
+    data_root = tiny.ensure_synthetic()
+    for seed in args.base_seeds:
+        tiny.ensure_tiny_base(base_model_dir(seed), data_root, seed=seed)
 
-    results = {name: [] for name, _, _ in ROWS}
-    for seed in args.seeds:
-        for name, pseudo_label, reward_kind in ROWS:
-            run_dir = out / f"{pseudo_label}-{reward_kind}-seed{seed}"
-            metrics, seconds = run_row(run_dir, pseudo_label, reward_kind, seed, train_flags)
-            results[name].append(summarise(metrics, seconds))
-            print(f"seed {seed} | {name}: overall {100 * results[name][-1]['before']['overall']:.2f} -> "
-                  f"{100 * results[name][-1]['after']['overall']:.2f} ({seconds:.0f}s)", flush=True)
-    text = table(results, args.seeds)
+    jobs = [(b, r, row) for b in args.base_seeds for r in args.rl_seeds for row in rows]
+    results, types = {key: [] for key, _, _ in rows}, {"base": [], **{name: [] for _, name, _ in rows}}
+    t_start = time.time()
+    for done, (base_seed, rl_seed, (key, name, flags)) in enumerate(jobs, start=1):
+        run_dir = out / f"base{base_seed}-rl{rl_seed}" / key
+        metrics, seconds = run_train(run_dir, base_model_dir(base_seed), rl_seed, flags, extra)
+        results[key].append(summarise(metrics, seconds, monitor_args))
+        types[name].append(by_content_type(run_dir, data_root, "final"))
+        if key == rows[0][0]:
+            types["base"].append(by_content_type(run_dir, data_root, "step0"))
+        r = results[key][-1]
+        eta = (time.time() - t_start) / done * (len(jobs) - done)
+        print(f"[{done}/{len(jobs)}] base {base_seed} rl {rl_seed} | {name}: overall "
+              f"{100 * r['before']['overall']:.2f} -> {100 * r['after']['overall']:.2f} ({seconds:.0f}s) | "
+              f"ETA {train.format_eta(eta)}", flush=True)
+
+    table = aggregate(results, rows)
+    text = markdown(table, len(args.base_seeds) * len(args.rl_seeds))
+    report = {"hparams": HPARAMS, "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
+              "rl_seeds": args.rl_seeds,
+              "rows": table, "wall_seconds": time.time() - t_start, "runs": results}
+    if "medevo" in results and "ttrl" in results:
+        report["medevo_minus_ttrl"] = paired(results)
+        text += "\n\nMed-Evo − TTRL, overall, per run: " + ", ".join(
+            f"{d:+.2f}" for d in report["medevo_minus_ttrl"])
+    if "medevo-n32" in results and "ttrl-n32" in results:
+        report["medevo_minus_ttrl_n32"] = paired(results, "medevo-n32", "ttrl-n32")
+        text += "\nwith N = 32: " + ", ".join(f"{d:+.2f}" for d in report["medevo_minus_ttrl_n32"])
+    report["by_content_type"] = {name: runs for name, runs in types.items()}
+    text += ("\n\nScore change per question type against the base model (points, mean over runs):\n\n"
+             + content_table(types))
     (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"train_flags": train_flags, "seeds": args.seeds, "results": results}, indent=1))
+    (out / "ablation.json").write_text(json.dumps(report, indent=1))
     print(text)
-    if not args.no_plot:
-        plot_evolution(results[ROWS[3][0]], out / "evolution.png")
+    print(f"wrote {out / 'table.md'} and {out / 'ablation.json'} ({train.format_eta(time.time() - t_start)})")
+    if not args.no_plot and "medevo" in results:
+        plot_evolution(results["medevo"], out / "evolution.png")
         print(f"wrote {out / 'evolution.png'}")
 
-
-DEMO_FLAGS = ["--dataset", "synthetic", "--model", "tiny", "--epochs", "3", "--eval-every", "30",
-              "--save-every", "1000"]
 
 if __name__ == "__main__":
     main()
