@@ -152,13 +152,18 @@ def check_run_flags(saved, now):
     return notes
 
 
-def load_trainer_state(out_dir, policy, optimizer, generator, rank, world_size, lr):
-    """Restore optimizer (this rank's shard), RNGs and step from <out_dir>/checkpoint; set the lr."""
-    folder = Path(out_dir) / "checkpoint"
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+def check_world_size(out_dir, world_size):
+    """Each rank resumes its own optimizer shard and sampler RNG: the process count must not change."""
+    state = torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)
     if len(state["sampler_rng"]) != world_size:
         raise SystemExit(f"--resume: the checkpoint was written by {len(state['sampler_rng'])} processes, "
                          f"this run has {world_size}")
+
+
+def load_trainer_state(out_dir, policy, optimizer, generator, rank, lr):
+    """Restore optimizer (this rank's shard), RNGs and step from <out_dir>/checkpoint; set the lr."""
+    folder = Path(out_dir) / "checkpoint"
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
     optimizer_state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
     with one_process_is_fine():
         dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())

@@ -29,6 +29,7 @@ write a checkpoint and exit 0.
 """
 
 import argparse
+import math
 import random
 import shutil
 import signal
@@ -177,7 +178,7 @@ def check_args(args, world_size, distributed):
     """Every flag is checked here, before any model loads or anything is written."""
     for name, ok, must_be in RANGES:
         value = getattr(args, name)
-        if value != value or not ok(value):  # value != value: NaN
+        if not math.isfinite(value) or not ok(value):
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be {must_be}")
     if args.label_samples < args.group_size:
         raise SystemExit(f"--label-samples {args.label_samples}: must be >= --group-size ({args.group_size}); the "
@@ -450,11 +451,12 @@ def on_rank0(fn, *fn_args):
     return result
 
 
-def prepare_out_dir(args):
+def prepare_out_dir(args, world_size):
     """Refuse to mix runs in one --out-dir; on --resume recover the checkpoint and check the flags."""
     out_dir = Path(args.out_dir)
     if args.resume:
         notes = [checkpoint.recover(out_dir)]
+        checkpoint.check_world_size(out_dir, world_size)
         notes += checkpoint.check_run_flags(checkpoint.saved_run_flags(out_dir), run_flags(args))
         step = checkpoint.complete_step(out_dir / "checkpoint")
         dropped = checkpoint.truncate_rows(out_dir / "metrics.jsonl", step)
@@ -531,8 +533,9 @@ def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     torch.manual_seed(args.seed)
     run = Run(args, policy, reference, tokenizer, image_processor, optimizer, generator, labelled, rank, world_size,
               Path(args.out_dir))
-    step = checkpoint.load_trainer_state(run.out_dir, policy, optimizer, generator, rank, world_size,
-                                         args.lr) if args.resume else 0
+    step = 0
+    if args.resume:
+        step = checkpoint.load_trainer_state(run.out_dir, policy, optimizer, generator, rank, args.lr)
     return run, step
 
 
@@ -679,7 +682,7 @@ def main(argv=None):
     sharded = args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
     check_args(args, world_size, distributed=parallel.dist.is_initialized())
     labelled = on_rank0(load_data, args)  # every image opens, before any model loads
-    notes = on_rank0(prepare_out_dir, args)
+    notes = on_rank0(prepare_out_dir, args, world_size)
     model_name = on_rank0(tiny.resolve_model, args.model)  # builds the offline tiny model once
     run, step = load_run(args, model_name, labelled, device, rank, world_size, sharded)
     steps = len(labelled) // args.questions_per_step * args.epochs

@@ -71,3 +71,12 @@ def test_nan_is_written_as_null(tmp_path):
     checkpoint.append_row(path, {"step": 1, "hit_rate": math.nan, "kl": math.inf, "nested": [math.nan, 1.0]})
     assert json.loads(path.read_text()) == {"step": 1, "hit_rate": None, "kl": None, "nested": [None, 1.0]}
     assert "NaN" not in path.read_text()
+
+
+def test_a_changed_process_count_is_refused(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    state = {"step": 3, "sampler_rng": [torch.zeros(8), torch.zeros(8)]}
+    torch.save(state, tmp_path / "checkpoint" / "trainer_state.pt")
+    checkpoint.check_world_size(tmp_path, 2)
+    with pytest.raises(SystemExit, match="written by 2 processes, this run has 1"):
+        checkpoint.check_world_size(tmp_path, 1)

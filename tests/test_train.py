@@ -226,7 +226,7 @@ def test_slake_without_data_root_says_where_to_put_it(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [
     ("--save-every", "0"), ("--updates-per-rollout", "0"), ("--max-new-tokens", "0"), ("--eval-batch-size", "0"),
-    ("--kl-coef", "-1"), ("--epochs", "0"), ("--max-steps", "-1"), ("--eval-every", "-1"), ("--lr", "nan"),
+    ("--kl-coef", "-1"), ("--epochs", "0"), ("--max-steps", "-1"), ("--eval-every", "-1"), ("--lr", "nan"), ("--lr", "inf"),
     ("--clip-eps", "0"), ("--temperature", "0"), ("--top-p", "1.5"), ("--grad-clip", "-1"), ("--seed", "-1"),
 ])
 def test_every_flag_is_range_checked_before_any_work(flag, value, tmp_path):
