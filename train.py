@@ -9,6 +9,11 @@ The whole method, one step at a time (arXiv 2603.07443):
                  token-F1 + cosine score below it (reward.py)
   5. GRPO      - group-normalised advantages, clipped ratio, k3 KL to the frozen reference (grpo.py)
 
+With --label-samples N > G the pseudo label is chosen from N samples and GRPO trains on G of them.
+Nothing here reads a label, so nothing shows accuracy falling; the collapse monitor (consensus per
+step, the top CLOSED answer's share and the answers' entropy per evaluation, --stop-on-collapse) is
+what a user adapting on truly unlabeled data can watch.
+
 By default the split adapted to is the *test* split, as in the paper: adapt on the unlabeled test
 questions, then score the same questions. Ground-truth answers are never read for training: they
 are read only by evaluation and by logged diagnostics (the pseudo-label hit rate), and by the
@@ -251,11 +256,11 @@ def shard(items, rank, world_size):
 @dataclass
 class RolloutScores:
     """What the first update on a rollout computes and later updates (--updates-per-rollout > 1) reuse."""
-    old_logp: torch.Tensor  # [N, T] log-probs of the sampling policy
-    ref_logp: torch.Tensor | None  # [N, T] log-probs of the frozen reference (None when --kl-coef 0)
-    rewards: torch.Tensor  # [N]
-    labels: torch.Tensor  # [N // G] index of each group's pseudo label within the group
-    advantages: torch.Tensor  # [N]
+    old_logp: torch.Tensor  # [B*G, T] log-probs of the trained answers under the sampling policy
+    ref_logp: torch.Tensor | None  # [B*G, T] log-probs under the frozen reference (None when --kl-coef 0)
+    rewards: torch.Tensor  # [B*G]
+    labels: torch.Tensor  # [B] index of each question's pseudo label among its N label samples
+    advantages: torch.Tensor  # [B*G]
     consensus: float  # share of the label samples equal to their pseudo label (TTRL's majority ratio)
 
 
