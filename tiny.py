@@ -219,12 +219,17 @@ def ensure_synthetic(root=SYNTHETIC_DIR, seed=0):
     if not (root / "generator.json").is_file():
         print(f"writing the synthetic benchmark to {root} (seed {seed})", flush=True)
         write_synthetic(root, seed=seed)
+    if not (root / "dev.json").is_file():
+        raise SystemExit(f"{root} holds the previous synthetic benchmark (no dev split): delete it (and "
+                         f"{TINY_BASE_DIR.name}, warm-started on it) and run again to write the current one")
     return root
 
 
 def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, sizes=None, warm=None):
     """The offline tiny base model: random init + warm start on the source split, built once."""
     out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and not (out_dir / "build.json").is_file():
+        raise SystemExit(f"{out_dir} is a base model of the previous recipe (no build.json): delete it and run again")
     if (out_dir / "config.json").is_file():
         return out_dir
     sizes, warm = dict(SIZES, **(sizes or {})), dict(WARM_START, **(warm or {}))
