@@ -239,8 +239,9 @@ def report_base_model(model_dir, data_root, samples=8, seed=0, splits=("validate
     model, tokenizer, image_processor = modeling.load(model_dir, device="cpu")
     source = data.load_split("synthetic", data_root, splits[0])
     target = data.load_split("synthetic", data_root, splits[1])
-    report = {"source_validate": {"greedy": score_predictions(source, predict(model, tokenizer, image_processor, source))},
-              "target_test": {"greedy": score_predictions(target, predict(model, tokenizer, image_processor, target))}}
+    greedy = {split: score_predictions(records, predict(model, tokenizer, image_processor, records))
+              for split, records in (("source", source), ("target", target))}
+    report = {"source_validate": {"greedy": greedy["source"]}, "target_test": {"greedy": greedy["target"]}}
     majority, fpl = pseudo_label_accuracy(model, tokenizer, image_processor, target, group_size=samples, seed=seed)
     report["target_test"].update(majority=majority, fpl=fpl)
     for domain, entries in report.items():

@@ -45,8 +45,10 @@ def test_default_benchmark_has_a_large_test_split():
 
 
 def test_premises_from_a_report():
+    def scores(overall, closed):
+        return {"overall": overall, "open_recall": overall, "closed_acc": closed}
+
     def report(source_overall, source_closed, target_overall):
-        scores = lambda overall, closed: {"overall": overall, "open_recall": overall, "closed_acc": closed}  # noqa: E731
         return {"source_validate": {"greedy": scores(source_overall, source_closed)},
                 "target_test": {"greedy": scores(target_overall, 50.0)}}
 
