@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random Qwen2.5-VL saved and loaded like a hub model, and small images."""
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +11,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import model as modeling  # noqa: E402
+import tiny as offline  # noqa: E402  (the fixture below is called `tiny`)
 
 CORPUS = [
     "What modality is used to take this image? Answer the question using a single word or phrase.",
@@ -21,18 +26,14 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-weight tiny Qwen2.5-VL written with save_pretrained (built once per test session)."""
-    import tiny
-
     out = tmp_path_factory.mktemp("tiny-random")
-    return tiny.build_random_tiny(out, CORPUS, seed=0, hidden=64, layers=2, heads=4, vision_hidden=32, init_std=0.5)
+    return offline.build_random_tiny(out, CORPUS, seed=0, hidden=64, layers=2, heads=4, vision_hidden=32, init_std=0.5)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer, image_processor) loaded back through model.load, as a hub model would be."""
-    import model
-
-    return model.load(tiny_model_dir, device="cpu")
+    return modeling.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +63,6 @@ SLAKE_QUESTIONS = [
 @pytest.fixture(scope="session")
 def slake_folder(tmp_path_factory):
     """A SLAKE-layout folder (imgs/xmlabN/source.jpg + test.json): 3 images x 4 English questions."""
-    import json
-
     root = tmp_path_factory.mktemp("slake")
     rng = np.random.default_rng(1)
     entries, qid = [], 0
@@ -85,9 +84,6 @@ def slake_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def unlabeled_slake_folder(slake_folder, tmp_path_factory):
     """The same SLAKE-layout folder with every answer removed (null), as an unlabeled test set ships."""
-    import json
-    import shutil
-
     root = tmp_path_factory.mktemp("slake-unlabeled")
     shutil.copytree(slake_folder / "imgs", root / "imgs")
     for split in ["train", "validate", "test"]:

@@ -4,10 +4,10 @@ preemption and exact resume, and flag checking."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+import data
+import model as modeling
+import rollout
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,10 +76,6 @@ def test_training_never_needs_answers(tiny_model_dir, unlabeled_slake_folder, tm
 def test_later_updates_take_the_ratio_against_the_sampling_policy(tiny_model_dir, slake_folder):
     """--updates-per-rollout > 1: the second update's ratio is new policy / sampling policy (not 1),
     and the rewards, advantages and old log-probs are the first update's."""
-    import data
-    import model as modeling
-    import rollout
-
     G = 4
     args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--lr", "1e-2"])
     policy, tokenizer, image_processor = modeling.load(tiny_model_dir, "cpu")
@@ -244,8 +243,6 @@ def test_missing_synthetic_data_root_is_an_error_not_a_new_benchmark(tmp_path):
 
 
 def test_corrupt_image_is_found_before_any_model_loads(slake_folder, tmp_path):
-    import shutil
-
     broken = tmp_path / "slake"
     shutil.copytree(slake_folder, broken)
     (broken / "imgs" / "xmlab1" / "source.jpg").write_bytes(b"not a jpeg")
