@@ -66,16 +66,21 @@ QUESTIONS = [  # for generated records: different lengths, so prompts get differ
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model (built on first use)")
-    p.add_argument("--random-tiny", action="store_true", help="a random-weight tiny model of the tiny base's size, built in a temp dir")
-    p.add_argument("--qwen-3b-random", action="store_true", help="Qwen2.5-VL-3B's architecture with random weights (speed and memory only)")
+    p.add_argument("--model", default="tiny",
+                   help="hub name or folder; 'tiny' = the offline tiny base model (built on first use)")
+    p.add_argument("--random-tiny", action="store_true",
+                   help="a random-weight tiny model of the tiny base's size, built in a temp dir")
+    p.add_argument("--qwen-3b-random", action="store_true",
+                   help="Qwen2.5-VL-3B's architecture with random weights (speed and memory only)")
     p.add_argument("--qwen-layers", type=int, default=0,
-                   help="with --qwen-3b-random: only this many text layers and vision blocks (a code-path check, not a result)")
+                   help="with --qwen-3b-random: only this many text layers and vision blocks"
+                        " (a code-path check, not a result)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--questions", type=int, default=8, help="questions in the batch (prefilled together)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer sampled")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warmup; the median is reported")
-    p.add_argument("--image-size", type=int, default=448, help="side in pixels of the generated images (not the synthetic split)")
+    p.add_argument("--image-size", type=int, default=448,
+                   help="side in pixels of the generated images (not the synthetic split)")
     p.add_argument("--part", default="all", choices=["all", "sampler", "train"], help="which measurement to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="where the results are written as JSON")
@@ -239,7 +244,8 @@ def bench_sampler(model, tokenizer, prompt, args, device):
     results = []
     for G in GROUP_SIZES:
         torch.manual_seed(args.seed)  # generate samples from the global generator
-        ours = measure_sampler("rollout.sample", lambda: sample_ours(model, tokenizer, prompt, G, args.max_new_tokens, generator),
+        ours = measure_sampler("rollout.sample",
+                               lambda: sample_ours(model, tokenizer, prompt, G, args.max_new_tokens, generator),
                                eos_ids, args.repeats, device)
         theirs = measure_sampler("model.generate", lambda: sample_generate(model, prompt, G, args.max_new_tokens),
                                  eos_ids, args.repeats, device)
@@ -287,7 +293,8 @@ def bench_train_step(policy, tokenizer, image_processor, records, bench_args, de
     reference, optimizer, checkpointing = training_setup(policy, args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     answers = [r["answer"] for r in records]  # for the hit-rate diagnostic only (NaN when None)
-    step = lambda: train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator)
+    step = lambda: train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers,
+                                    args, generator)
     reset_peak_memory(device)
     step()  # warmup
     runs = []
@@ -314,7 +321,8 @@ def format_train_step(result, args, device):
     if result["peak_memory_gib"] is not None:
         lines.append(f"  peak memory {result['peak_memory_gib']:.2f} GiB")
     verdict = "met" if result["fpl_hsr_share"] < FPL_HSR_TARGET else "NOT met"
-    lines.append(f"FPL + HSR take {100 * result['fpl_hsr_share']:.1f}% of the step (target < {100 * FPL_HSR_TARGET:.0f}%: {verdict})")
+    lines.append(f"FPL + HSR take {100 * result['fpl_hsr_share']:.1f}% of the step"
+                 f" (target < {100 * FPL_HSR_TARGET:.0f}%: {verdict})")
     if device.type == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
         # train.train_step reads time.time() without synchronizing the GPU, so queued kernels of one part
         # are billed to the next part that waits on them; blocking launches make the split exact.

@@ -202,7 +202,8 @@ def write_predictions(path, records, preds):
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as f:
         for index, (r, p) in enumerate(zip(records, preds)):
-            score = None if r["answer"] is None else question_score(p, answer_text(r["answer"], index), r["answer_type"])
+            score = (None if r["answer"] is None
+                     else question_score(p, answer_text(r["answer"], index), r["answer_type"]))
             f.write(json.dumps({"qid": r["qid"], "question": r["question"], "answer_type": r["answer_type"],
                                 "answer": r["answer"], "prediction": p, "score": score}) + "\n")
     tmp.replace(path)
@@ -218,7 +219,8 @@ def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size
         batch = records[start : start + batch_size]
         prompt = rollout.build_inputs(tokenizer, image_processor, batch, device=model.device)
         out = rollout.sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature, 1.0, generator)
-        _, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask, group_size)
+        _, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask,
+                                                         group_size)
         emb = centroid.answer_embeddings(hidden, out.completion_mask)
         labels = centroid.fpl_pseudo_labels(emb, group_size).tolist()
         votes = centroid.majority_vote(out.texts, group_size)
@@ -254,9 +256,11 @@ def report_base_model(model_dir, data_root, samples=8, seed=0, splits=("validate
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Greedy answers on a split, scored with open recall and closed accuracy.")
+    parser = argparse.ArgumentParser(
+        description="Greedy answers on a split, scored with open recall and closed accuracy.")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
-    parser.add_argument("--data-root", default=None, help="dataset folder (default for synthetic: artifacts/synthetic)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset folder (default for synthetic: artifacts/synthetic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--lang", default="en", help="SLAKE language subset: en or all")
     parser.add_argument("--model", default=str(TINY_BASE_DIR),
@@ -277,7 +281,8 @@ def main():
     except (OSError, ValueError) as err:
         raise SystemExit(str(err)) from err
     model, tokenizer, image_processor = modeling.load(args.model)
-    preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix, args.max_new_tokens)
+    preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix,
+                    args.max_new_tokens)
     print(format_table(score_predictions(records, preds)))
     out = args.out or f"predictions_{args.dataset}_{args.split}.jsonl"
     write_predictions(out, records, preds)

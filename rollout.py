@@ -164,7 +164,8 @@ def generate_answers(model, tokenizer, image_processor, records, batch_size=16, 
     """Answer texts for every record, in order (G per record, consecutive); greedy by default."""
     texts = []
     for start in range(0, len(records), batch_size):
-        prompt = build_inputs(tokenizer, image_processor, records[start : start + batch_size], prompt_suffix, model.device)
+        prompt = build_inputs(tokenizer, image_processor, records[start : start + batch_size], prompt_suffix,
+                              model.device)
         texts += sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature, top_p, generator).texts
     return texts
 
@@ -184,7 +185,8 @@ def completion_logits_and_hidden(model, prompt, completion_ids, completion_mask,
     B, L = input_ids.shape
     embed = model.get_input_embeddings()
     prompt_embeds = embed(input_ids)  # [B, L, D]
-    image_embeds = torch.cat(model.model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output)
+    image_embeds = torch.cat(
+        model.model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output)
     image_mask = (prompt["mm_token_type_ids"] == 1).unsqueeze(-1)
     prompt_embeds = prompt_embeds.masked_scatter(image_mask, image_embeds.to(prompt_embeds.dtype))
 

@@ -179,7 +179,8 @@ def test_vqa_rad_official_layout(tmp_path):
     test = data.load_split("vqa_rad", root, "test")
     assert [(r["qid"], r["answer"], r["answer_type"]) for r in train] == [(1, "No", "CLOSED"), (2, "2", "OPEN"),
                                                                          (5, "Yes", "CLOSED")]
-    assert [(r["qid"], r["answer"], r["answer_type"]) for r in test] == [(3, "yes", "CLOSED"), (4, "left lung", "OPEN")]
+    assert [(r["qid"], r["answer"], r["answer_type"]) for r in test] == [(3, "yes", "CLOSED"),
+                                                                        (4, "left lung", "OPEN")]
     assert test[0]["image"] == str(root / "VQA_RAD Image Folder" / "synpic1.jpg")
     assert all(set(r) == RECORD_KEYS for r in train + test)
 
@@ -374,7 +375,8 @@ def test_synthetic_target_domain_differs_from_source(synthetic_root):
     stats = {"source": [], "target": []}
     for split, domain in domains.items():
         for img_id in {e["img_id"] for e in json.loads((synthetic_root / f"{split}.json").read_text())}:
-            pixels = np.asarray(Image.open(synthetic_root / f"imgs/xmlab{img_id}/source.jpg").convert("L"), dtype=float)
+            pixels = np.asarray(Image.open(synthetic_root / f"imgs/xmlab{img_id}/source.jpg").convert("L"),
+                                dtype=float)
             corner = pixels[:8, :8]
             stats[domain].append((corner.mean(), corner.std()))
     source, target = np.array(stats["source"]), np.array(stats["target"])
@@ -469,7 +471,8 @@ def test_open_image_windows_high_bit_depth_min_max(tmp_path, mode, suffix):
 
 
 def test_window_rounds_and_constant_image_is_black(tmp_path):
-    assert data.images.window_to_8bit(np.array([[100, 101, 103, 102]], dtype=np.uint16)).tolist() == [[0, 85, 255, 170]]
+    assert (data.images.window_to_8bit(np.array([[100, 101, 103, 102]], dtype=np.uint16)).tolist()
+            == [[0, 85, 255, 170]])
     path = tmp_path / "flat.png"
     Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
     with warnings.catch_warnings():
@@ -501,7 +504,8 @@ def test_check_images_open_names_corrupt_file_and_qid(slake_root):
     assert data.check_images_open(records, slake_root / "test.json") == 2
     bad = slake_root / "imgs" / "xmlab2" / "source.jpg"
     bad.write_bytes(bad.read_bytes()[:20])
-    with pytest.raises(ValueError, match=re.escape(f"1 of 2 images cannot be read (listed in {slake_root / 'test.json'})")
+    with pytest.raises(ValueError,
+                       match=re.escape(f"1 of 2 images cannot be read (listed in {slake_root / 'test.json'})")
                        + r"(.|\n)*qid 12: cannot read image " + re.escape(str(bad))):
         data.check_images_open(data.load_split("slake", slake_root, "test"), slake_root / "test.json")
 

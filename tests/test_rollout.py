@@ -81,9 +81,11 @@ def test_teacher_forced_logits_match_full_forward(tiny, image_records):
     G = 2
     prompt = rollout.build_inputs(tokenizer, image_processor, records)
     generator = torch.Generator().manual_seed(0)
-    out = rollout.sample(model, tokenizer, prompt, group_size=G, max_new_tokens=6, temperature=1.0, generator=generator)
+    out = rollout.sample(model, tokenizer, prompt, group_size=G, max_new_tokens=6, temperature=1.0,
+                         generator=generator)
     with torch.no_grad():
-        logits, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask, G)
+        logits, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids,
+                                                              out.completion_mask, G)
     L = prompt["input_ids"].shape[1]
     T = out.completion_ids.shape[1]
     for row in range(len(records) * G):
@@ -107,7 +109,8 @@ def test_teacher_forced_logits_match_full_forward(tiny, image_records):
         # hidden at answer token i is the final-norm state that predicts answer token i + 1
         with torch.no_grad():
             from_hidden = model.lm_head(hidden[row, : n_answer - 1])
-        torch.testing.assert_close(from_hidden, full.logits[0, n_prompt : n_prompt + n_answer - 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(from_hidden, full.logits[0, n_prompt : n_prompt + n_answer - 1],
+                                   rtol=1e-4, atol=1e-4)
     assert logits.shape[:2] == (len(records) * G, T) and hidden.shape[:2] == (len(records) * G, T)
     assert hidden.shape[2] == model.config.text_config.hidden_size and L > 0
 

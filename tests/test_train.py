@@ -169,7 +169,8 @@ def test_two_process_preempted_run_resumes_exactly(tiny_model_dir, slake_folder,
     # reports the SIGTERM it got with its own traceback and exit code 1, after the ranks have finished)
     model = AutoModelForImageTextToText.from_pretrained(stopped / "checkpoint")  # plain transformers, full shapes
     original = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    assert ({k: v.shape for k, v in model.state_dict().items()}
+            == {k: v.shape for k, v in original.state_dict().items()})
 
     torchrun(2, "train.py", *run_args(tiny_model_dir, slake_folder, stopped, *flags, "--resume"))
     a, b = train_steps(read_metrics(straight)), train_steps(read_metrics(stopped))
@@ -225,7 +226,8 @@ def test_slake_without_data_root_says_where_to_put_it(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [
     ("--save-every", "0"), ("--updates-per-rollout", "0"), ("--max-new-tokens", "0"), ("--eval-batch-size", "0"),
-    ("--kl-coef", "-1"), ("--epochs", "0"), ("--max-steps", "-1"), ("--eval-every", "-1"), ("--lr", "nan"), ("--lr", "inf"),
+    ("--kl-coef", "-1"), ("--epochs", "0"), ("--max-steps", "-1"), ("--eval-every", "-1"), ("--lr", "nan"),
+    ("--lr", "inf"),
     ("--clip-eps", "0"), ("--temperature", "0"), ("--top-p", "1.5"), ("--grad-clip", "-1"), ("--seed", "-1"),
 ])
 def test_every_flag_is_range_checked_before_any_work(flag, value, tmp_path):
