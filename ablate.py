@@ -34,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import checkpoint
 import tiny
 import train
 
@@ -86,7 +87,7 @@ def finished_run(out_dir):
     path, seconds = out_dir / "metrics.jsonl", out_dir / "wall_seconds.json"
     if not path.is_file() or not seconds.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = checkpoint.read_rows(path)
     return (rows, json.loads(seconds.read_text())) if rows and rows[-1].get("eval") == "final" else None
 
 
@@ -131,9 +132,13 @@ def summarise(rows, seconds, monitor_args):
     }
 
 
-def by_content_type(run_dir, data_root, tag):
+def content_types(data_root):
+    """qid -> synthetic content_type of the test split."""
+    return {e["qid"]: e["content_type"] for e in json.loads((Path(data_root) / "test.json").read_text())}
+
+
+def by_content_type(run_dir, types, tag):
     """Mean score per synthetic content_type of one evaluation's predictions."""
-    types = {e["qid"]: e["content_type"] for e in json.loads((Path(data_root) / "test.json").read_text())}
     scores = {}
     for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines():
         p = json.loads(line)
@@ -276,23 +281,24 @@ def main():
 
     jobs = [(b, r, row) for b in args.base_seeds for r in args.rl_seeds for row in rows]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    t_start, finished = time.time(), []
+    t_start, finished = time.time(), {}  # (base seed, RL seed, row key) -> (metrics rows, seconds)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_train, out / f"base{b}-rl{r}" / key, base_model_dir(b), r, flags, extra, threads):
-                   (b, r, name) for b, r, (key, name, flags) in jobs}
+                   (b, r, key, name) for b, r, (key, name, flags) in jobs}
         for future in as_completed(futures):
-            (metrics, seconds), (b, r, name) = future.result(), futures[future]
-            finished.append(seconds)
+            (metrics, seconds), (b, r, key, name) = future.result(), futures[future]
+            finished[b, r, key] = metrics, seconds
             eta = (time.time() - t_start) / len(finished) * (len(jobs) - len(finished))
             print(f"[{len(finished)}/{len(jobs)}] base {b} rl {r} | {name}: overall {100 * metrics[0]['overall']:.2f} "
                   f"-> {100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {train.format_eta(eta)}", flush=True)
     results, types = {key: [] for key, _, _ in rows}, {"base": [], **{name: [] for _, name, _ in rows}}
+    type_of_qid = content_types(data_root)
     for b, r, (key, name, flags) in jobs:  # in job order, whatever order they finished in
         run_dir = out / f"base{b}-rl{r}" / key
-        results[key].append(summarise(*finished_run(run_dir), monitor_args))
-        types[name].append(by_content_type(run_dir, data_root, "final"))
+        results[key].append(summarise(*finished[b, r, key], monitor_args))
+        types[name].append(by_content_type(run_dir, type_of_qid, "final"))
         if key == rows[0][0]:
-            types["base"].append(by_content_type(run_dir, data_root, "step0"))
+            types["base"].append(by_content_type(run_dir, type_of_qid, "step0"))
 
     table = aggregate(results, rows)
     text = markdown(table, len(args.base_seeds) * len(args.rl_seeds))

@@ -152,9 +152,13 @@ def check_run_flags(saved, now):
     return notes
 
 
-def check_world_size(out_dir, world_size):
+def trainer_state(out_dir):
+    """<out_dir>/checkpoint/trainer_state.pt: step, run flags, RNG states."""
+    return torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)
+
+
+def check_world_size(state, world_size):
     """Each rank resumes its own optimizer shard and sampler RNG: the process count must not change."""
-    state = torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)
     if len(state["sampler_rng"]) != world_size:
         raise SystemExit(f"--resume: the checkpoint was written by {len(state['sampler_rng'])} processes, "
                          f"this run has {world_size}")
@@ -163,7 +167,7 @@ def check_world_size(out_dir, world_size):
 def load_trainer_state(out_dir, policy, optimizer, generator, rank, lr):
     """Restore optimizer (this rank's shard), RNGs and step from <out_dir>/checkpoint; set the lr."""
     folder = Path(out_dir) / "checkpoint"
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    state = trainer_state(out_dir)
     optimizer_state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
     with one_process_is_fine():
         dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())
@@ -173,10 +177,6 @@ def load_trainer_state(out_dir, policy, optimizer, generator, rank, lr):
     generator.set_state(state["sampler_rng"][rank])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
-
-
-def saved_run_flags(out_dir):
-    return torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)["run_flags"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,13 +199,19 @@ def append_row(path, row):
         f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
 
 
+def read_rows(path):
+    """metrics.jsonl's rows ([] when there is no file yet)."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def truncate_rows(path, step):
     """Keep the training rows up to `step` (the checkpoint's) and the evaluations before it: the resumed
     run redoes the evaluation at `step` (if one is due there) and the final one."""
     path = Path(path)
     if not path.is_file():
         return 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     kept = [r for r in rows if r["step"] < step or (r["step"] == step and "eval" not in r)]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
@@ -216,8 +222,7 @@ def truncate_rows(path, step):
 def first_evaluation(out_dir):
     """The run's evaluation before training (metrics.jsonl's step-0 row), for a resumed run's collapse monitor."""
     path = Path(out_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    first = next((r for r in rows if r.get("eval") == "step0"), None)
+    first = next((r for r in read_rows(path) if r.get("eval") == "step0"), None)
     if first is None:
         raise SystemExit(f"--resume: {path} has no step-0 evaluation row, which the collapse monitor compares with")
     return first

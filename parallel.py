@@ -76,13 +76,18 @@ def barrier():
         dist.barrier()
 
 
+def collective_tensor(values, dtype):
+    """A small tensor for an all-reduce: on this rank's GPU under NCCL, on the CPU under gloo."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.to("cuda") if dist.get_backend() == "nccl" else t
+
+
 def mean_over_ranks(values):
     """Average a dict of floats over ranks (for logging). NaN stays NaN."""
     if not dist.is_initialized():
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    t = t.to("cuda") if dist.get_backend() == "nccl" else t
+    t = collective_tensor([float(values[k]) for k in keys], torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
@@ -91,8 +96,7 @@ def any_rank(flag):
     """True on every rank if `flag` is true on any rank (e.g. one rank got SIGTERM)."""
     if not dist.is_initialized():
         return bool(flag)
-    t = torch.tensor([int(bool(flag))])
-    t = t.to("cuda") if dist.get_backend() == "nccl" else t
+    t = collective_tensor([int(bool(flag))], torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

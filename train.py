@@ -307,9 +307,12 @@ def label_hidden(policy, prompt, out, hidden, group_size, args):
 def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings):
     """The first update's view of a fresh rollout: pseudo labels (over all N label samples in `out`), rewards
     and advantages (of the G trained answers, the first G of each question), reference log-probs."""
-    t0 = clock(logp.device)
     N, G = args.label_samples, group_size
+    t_label = clock(logp.device)
     hidden_all = label_hidden(policy, prompt, out, hidden, G, args)  # [B*N, T, D]
+    t0 = clock(logp.device)
+    if N > G:  # the no-grad forward over the N - G extra label samples: not part of FPL + HSR's time
+        add_time(timings, "label_forward", t0 - t_label)
     rewards_all, labels = rewards_for_rollout(hidden_all, out, N, args, refs)  # [B*N], [B] indices within N
     rewards = rewards_all.view(-1, N)[:, :G].reshape(-1)  # [B*G]
     advantages = grpo.group_advantages(rewards.to(logp.device), G, scale=args.adv_scale)
@@ -461,9 +464,10 @@ def prepare_out_dir(args, world_size):
     out_dir = Path(args.out_dir)
     if args.resume:
         notes = [checkpoint.recover(out_dir)]
-        checkpoint.check_world_size(out_dir, world_size)
-        notes += checkpoint.check_run_flags(checkpoint.saved_run_flags(out_dir), run_flags(args))
-        step = checkpoint.complete_step(out_dir / "checkpoint")
+        state = checkpoint.trainer_state(out_dir)
+        checkpoint.check_world_size(state, world_size)
+        notes += checkpoint.check_run_flags(state["run_flags"], run_flags(args))
+        step = state["step"]
         dropped = checkpoint.truncate_rows(out_dir / "metrics.jsonl", step)
         return notes + ([f"dropped {dropped} metrics.jsonl row(s) logged after step {step}"] if dropped else [])
     if out_dir.exists() and any(out_dir.iterdir()):

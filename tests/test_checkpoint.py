@@ -77,6 +77,6 @@ def test_a_changed_process_count_is_refused(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     state = {"step": 3, "sampler_rng": [torch.zeros(8), torch.zeros(8)]}
     torch.save(state, tmp_path / "checkpoint" / "trainer_state.pt")
-    checkpoint.check_world_size(tmp_path, 2)
+    checkpoint.check_world_size(checkpoint.trainer_state(tmp_path), 2)
     with pytest.raises(SystemExit, match="written by 2 processes, this run has 1"):
-        checkpoint.check_world_size(tmp_path, 1)
+        checkpoint.check_world_size(checkpoint.trainer_state(tmp_path), 1)

@@ -47,7 +47,8 @@ def test_label_samples_fpl_sees_the_extra_answers_as_one_forward_would(tiny_mode
     out = rollout.sample(policy, tokenizer, prompt, N, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
     args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--label-samples", str(N)])
     trained = train.first_of_each_group(out, N, G)
-    _, hidden = rollout.completion_logits_and_hidden(policy, prompt, trained.completion_ids, trained.completion_mask, G)
+    _, hidden = rollout.completion_logits_and_hidden(policy, prompt, trained.completion_ids,
+                                                     trained.completion_mask, G)
     mixed = train.label_hidden(policy, prompt, out, hidden, G, args)
     _, direct = rollout.completion_logits_and_hidden(policy, prompt, out.completion_ids, out.completion_mask, N)
     assert mixed.shape == direct.shape
