@@ -20,7 +20,9 @@ differences; per question type), evolution.png (with matplotlib), and each run's
 
     python ablate.py --base-seeds 0 1 2 --rl-seeds 0 --jobs 2 --out runs/ablation     # add --reuse to continue
 
-The collapse monitor (train.py --stop-on-collapse) is evaluated after the fact on every run's
+Premises before results: each base model's report.json (tiny.py; written first if missing) is checked
+against the premises, and when some base models fail them table.md gives a second table over those that
+meet them only. The collapse monitor (train.py --stop-on-collapse) is evaluated after the fact on every run's
 evaluations: where would it have stopped, and what score would the kept checkpoint have had.
 """
 
@@ -64,6 +66,16 @@ METRICS = ["overall", "open_recall", "closed_acc"]
 
 def base_model_dir(seed):
     return tiny.TINY_BASE_DIR if seed == 0 else tiny.TINY_BASE_DIR.with_name(f"tiny-base-seed{seed}")
+
+
+def base_premises(seed, data_root):
+    """Build base model `seed` if needed; True if its report.json (written if missing) meets tiny.py's premises."""
+    model_dir = tiny.ensure_tiny_base(base_model_dir(seed), data_root, seed=seed)
+    path = model_dir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else tiny.write_report(model_dir, data_root, seed=seed)
+    met = all(tiny.premises(report).values())
+    print(f"base model seed {seed}: premises {'met' if met else 'NOT met'} ({path})", flush=True)
+    return met
 
 
 def run_train(out_dir, model_dir, rl_seed, flags, extra, threads):
@@ -197,6 +209,10 @@ def paired(results, a="medevo", b="ttrl"):
     return [100 * (x["after"]["overall"] - y["after"]["overall"]) for x, y in zip(results[a], results[b])]
 
 
+def per_run(diffs, run_ids):
+    return ", ".join(f"{d:+.2f} (base {b}, rl {r})" for d, (b, r) in zip(diffs, run_ids))
+
+
 def content_table(types):
     """Mean over runs of each row's per-type score change against the base model, in points."""
     names = list(types)  # "base", then the rows run
@@ -276,12 +292,12 @@ def main():
     rows = [row for row in ROWS if row[0] in args.rows]
     monitor_args = train.parse_args(["--stop-on-collapse", "--eval-every", "1"])  # the default thresholds
     data_root = tiny.ensure_synthetic()
-    for seed in args.base_seeds:
-        tiny.ensure_tiny_base(base_model_dir(seed), data_root, seed=seed)
+    premises_met = {seed: base_premises(seed, data_root) for seed in args.base_seeds}  # premises before results
 
     jobs = [(b, r, row) for b in args.base_seeds for r in args.rl_seeds for row in rows]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t_start, finished = time.time(), {}  # (base seed, RL seed, row key) -> (metrics rows, seconds)
+    reused = sum(finished_run(out / f"base{b}-rl{r}" / key) is not None for b, r, (key, _, _) in jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_train, out / f"base{b}-rl{r}" / key, base_model_dir(b), r, flags, extra, threads):
                    (b, r, key, name) for b, r, (key, name, flags) in jobs}
@@ -301,24 +317,33 @@ def main():
             types["base"].append(by_content_type(run_dir, type_of_qid, "step0"))
 
     table = aggregate(results, rows)
-    text = markdown(table, len(args.base_seeds) * len(args.rl_seeds))
+    run_ids = [(b, r) for b in args.base_seeds for r in args.rl_seeds]  # the order of every per-run list
+    text = markdown(table, len(run_ids))
     report = {"hparams": HPARAMS, "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
-              "rl_seeds": args.rl_seeds,
-              "rows": table, "wall_seconds": time.time() - t_start, "runs": results}
+              "rl_seeds": args.rl_seeds, "run_ids": run_ids, "base_premises_met": premises_met,
+              "rows": table, "runs": results,
+              "wall_seconds": time.time() - t_start, "runs_reused": reused,  # reused runs' time is not in it
+              "run_seconds_sum": sum(seconds for _, seconds in finished.values())}  # each run's own wall time
+    kept = [i for i, (b, _) in enumerate(run_ids) if premises_met[b]]
+    if 0 < len(kept) < len(run_ids):  # the same table over the base models that meet the premises only
+        report["rows_premises_met"] = aggregate({k: [v[i] for i in kept] for k, v in results.items()}, rows)
+        text += (f"\n\nOnly the base models that meet the premises (seeds "
+                 f"{[b for b in args.base_seeds if premises_met[b]]}):\n\n"
+                 + markdown(report["rows_premises_met"], len(kept)))
     if "medevo" in results and "ttrl" in results:
         report["medevo_minus_ttrl"] = paired(results)
-        text += "\n\nMed-Evo − TTRL, overall, per run: " + ", ".join(
-            f"{d:+.2f}" for d in report["medevo_minus_ttrl"])
+        text += "\n\nMed-Evo − TTRL, overall, per run: " + per_run(report["medevo_minus_ttrl"], run_ids)
     if "medevo-n32" in results and "ttrl-n32" in results:
         report["medevo_minus_ttrl_n32"] = paired(results, "medevo-n32", "ttrl-n32")
-        text += "\nwith N = 32: " + ", ".join(f"{d:+.2f}" for d in report["medevo_minus_ttrl_n32"])
+        text += "\nwith N = 32: " + per_run(report["medevo_minus_ttrl_n32"], run_ids)
     report["by_content_type"] = {name: runs for name, runs in types.items()}
     text += ("\n\nScore change per question type against the base model (points, mean over runs):\n\n"
              + content_table(types))
     (out / "table.md").write_text(text + "\n")
     (out / "ablation.json").write_text(json.dumps(report, indent=1))
     print(text)
-    print(f"wrote {out / 'table.md'} and {out / 'ablation.json'} ({train.format_eta(time.time() - t_start)})")
+    print(f"wrote {out / 'table.md'} and {out / 'ablation.json'} ({train.format_eta(time.time() - t_start)}, "
+          f"{reused} of {len(jobs)} runs reused)")
     if not args.no_plot and "medevo" in results:
         plot_evolution(results["medevo"], out / "evolution.png")
         print(f"wrote {out / 'evolution.png'}")
