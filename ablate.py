@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import checkpoint
+import evaluate
 import tiny
 import train
 
@@ -158,6 +159,12 @@ def by_content_type(run_dir, types, tag):
     return {t: statistics.mean(v) for t, v in sorted(scores.items())}
 
 
+def same_question_share(run_dir, tag):
+    """Label-free: evaluate.answer_statistics' same-question top share of one evaluation's predictions."""
+    preds = [json.loads(line) for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines()]
+    return evaluate.answer_statistics(preds, [p["prediction"] for p in preds])["same_question_top_share"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables
 
@@ -180,7 +187,8 @@ def aggregate(results, rows):
     for key, name, _ in rows:
         runs = results[key]
         table[name] = {k: spread([r["after"][k] for r in runs]) for k in METRICS}
-        for k in ["hit_start", "hit_end", "consensus_start", "consensus_end"]:
+        for k in ["hit_start", "hit_end", "consensus_start", "consensus_end", "same_question_start",
+                  "same_question_end"]:
             table[name][k] = spread([r[k] for r in runs])
         table[name]["seconds"] = statistics.mean(r["seconds"] for r in runs)
         table[name]["monitor_fired"] = sum(r["monitor"]["fired_at_step"] is not None for r in runs)
@@ -190,16 +198,18 @@ def aggregate(results, rows):
 
 def markdown(table, n_runs):
     lines = [f"| method (n = {n_runs} runs) | open recall | closed acc. | overall | hit rate start → end | "
-             "consensus start → end | monitor fired | overall kept by the monitor | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "consensus start → end | same-question top share before → after | monitor fired | "
+             "overall kept by the monitor | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         if "hit_start" not in row:
             lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} "
-                         "| – | – | – | – | – |")
+                         "| – | – | – | – | – | – |")
             continue
         lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} | "
                      f"{row['hit_start']['mean']:.1f} → {row['hit_end']['mean']:.1f} | "
                      f"{row['consensus_start']['mean']:.1f} → {row['consensus_end']['mean']:.1f} | "
+                     f"{row['same_question_start']['mean']:.1f} → {row['same_question_end']['mean']:.1f} | "
                      f"{row['monitor_fired']}/{n_runs} | {cell(row['monitor_kept_overall'])} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -312,6 +322,8 @@ def main():
     for b, r, (key, name, flags) in jobs:  # in job order, whatever order they finished in
         run_dir = out / f"base{b}-rl{r}" / key
         results[key].append(summarise(*finished[b, r, key], monitor_args))
+        results[key][-1].update(same_question_start=same_question_share(run_dir, "step0"),
+                                same_question_end=same_question_share(run_dir, "final"))
         types[name].append(by_content_type(run_dir, type_of_qid, "final"))
         if key == rows[0][0]:
             types["base"].append(by_content_type(run_dir, type_of_qid, "step0"))

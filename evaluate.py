@@ -158,14 +158,23 @@ def answer_statistics(records, preds):
     closed_top_share  share of the CLOSED questions given their single most frequent answer (1.0: one
                       answer to every yes/no question); answer_type is a property of the question, not its answer
     answer_entropy    entropy (nats) of the distribution of answers over all questions
+    same_question_top_share
+                      over the questions whose exact text is asked of two or more images: the share given
+                      the most frequent answer to their text (1.0: every image asked "Which modality is
+                      used?" gets the same answer). Logged only; not part of --stop-on-collapse's rule.
     Answers are compared after normalize_for_eval; None where there is no question of that kind.
     """
     answers = [normalize_for_eval(p) for p in preds]
     closed = [a for a, r in zip(answers, records) if str(r["answer_type"]).strip().upper() == "CLOSED"]
     counts = Counter(answers)
     entropy = -sum(c / len(answers) * math.log(c / len(answers)) for c in counts.values()) if answers else None
+    by_question = {}  # question text -> Counter of its answers
+    for answer, record in zip(answers, records):
+        by_question.setdefault(record["question"], Counter())[answer] += 1
+    repeated = [c for c in by_question.values() if c.total() >= 2]
+    same_question = (sum(max(c.values()) for c in repeated) / sum(c.total() for c in repeated)) if repeated else None
     return {"closed_top_share": max(Counter(closed).values()) / len(closed) if closed else None,
-            "answer_entropy": entropy}
+            "answer_entropy": entropy, "same_question_top_share": same_question}
 
 
 def format_table(scores):

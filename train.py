@@ -633,8 +633,11 @@ def collapse_reason(scores, baseline, args):
 
 
 def format_monitor(scores):
-    share = "-" if scores["closed_top_share"] is None else f"{100 * scores['closed_top_share']:.1f}%"
-    return f"collapse monitor: top CLOSED answer share {share}, answer entropy {scores['answer_entropy']:.3f} nats"
+    def percent(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    return (f"collapse monitor: top CLOSED answer share {percent(scores['closed_top_share'])}, answer entropy "
+            f"{scores['answer_entropy']:.3f} nats, same-question top share {percent(scores['same_question_top_share'])}")
 
 
 def train_loop(run, step, total_steps):

@@ -67,12 +67,16 @@ def test_consensus_hand_worked():
 
 
 def test_answer_statistics_hand_worked():
-    records = [{"answer_type": t} for t in ["CLOSED", "CLOSED", "CLOSED", "CLOSED", "OPEN", "OPEN"]]
+    types = ["CLOSED", "CLOSED", "CLOSED", "CLOSED", "OPEN", "OPEN"]
+    questions = ["Is it a CT?", "Is it a CT?", "Is it a CT?", "Is it normal?", "Which organ?", "Which organ?"]
+    records = [{"answer_type": t, "question": q} for t, q in zip(types, questions)]
     preds = ["No", "no.", "yes", "No", "liver", "Liver"]
     stats = evaluate.answer_statistics(records, preds)
     assert stats["closed_top_share"] == pytest.approx(3 / 4)  # "no" answers 3 of the 4 closed questions
     p = [3 / 6, 1 / 6, 2 / 6]  # no, yes, liver over all 6 answers
     assert stats["answer_entropy"] == pytest.approx(-sum(x * math.log(x) for x in p))
+    # repeated texts: "Is it a CT?" (top "no": 2 of 3), "Which organ?" (top "liver": 2 of 2); "Is it normal?" once
+    assert stats["same_question_top_share"] == pytest.approx((2 + 2) / (3 + 2))
 
 
 # ----------------------------------------------------------------------------------------------
