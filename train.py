@@ -636,8 +636,9 @@ def format_monitor(scores):
     def percent(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    return (f"collapse monitor: top CLOSED answer share {percent(scores['closed_top_share'])}, answer entropy "
-            f"{scores['answer_entropy']:.3f} nats, same-question top share {percent(scores['same_question_top_share'])}")
+    return (f"collapse monitor: top CLOSED answer share {percent(scores['closed_top_share'])}, "
+            f"answer entropy {scores['answer_entropy']:.3f} nats, "
+            f"same-question top share {percent(scores['same_question_top_share'])}")
 
 
 def train_loop(run, step, total_steps):
