@@ -79,11 +79,12 @@ def base_premises(seed, data_root):
     return met
 
 
+def run_folder(out, base_seed, rl_seed, key):
+    return out / f"base{base_seed}-rl{rl_seed}" / key
+
+
 def run_train(out_dir, model_dir, rl_seed, flags, extra, threads):
-    """One train.py run (reused if --out already holds it finished); returns its metrics.jsonl rows and wall time."""
-    done = finished_run(out_dir)
-    if done is not None:
-        return done
+    """One train.py run; returns its metrics.jsonl rows and wall time."""
     cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--overwrite", "--model", str(model_dir),
            "--seed", str(rl_seed), *FIXED, *HPARAMS, *flags, *extra]
     t0 = time.time()
@@ -150,18 +151,21 @@ def content_types(data_root):
     return {e["qid"]: e["content_type"] for e in json.loads((Path(data_root) / "test.json").read_text())}
 
 
-def by_content_type(run_dir, types, tag):
+def read_predictions(run_dir, tag):
+    """One evaluation's predictions_{tag}.jsonl: dicts with qid, question, answer_type, prediction, score."""
+    return [json.loads(line) for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines()]
+
+
+def by_content_type(preds, types):
     """Mean score per synthetic content_type of one evaluation's predictions."""
     scores = {}
-    for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines():
-        p = json.loads(line)
+    for p in preds:
         scores.setdefault(types[p["qid"]], []).append(p["score"])
     return {t: statistics.mean(v) for t, v in sorted(scores.items())}
 
 
-def same_question_share(run_dir, tag):
+def same_question_share(preds):
     """Label-free: evaluate.answer_statistics' same-question top share of one evaluation's predictions."""
-    preds = [json.loads(line) for line in (run_dir / f"predictions_{tag}.jsonl").read_text().splitlines()]
     return evaluate.answer_statistics(preds, [p["prediction"] for p in preds])["same_question_top_share"]
 
 
@@ -306,27 +310,29 @@ def main():
 
     jobs = [(b, r, row) for b in args.base_seeds for r in args.rl_seeds for row in rows]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    t_start, finished = time.time(), {}  # (base seed, RL seed, row key) -> (metrics rows, seconds)
-    reused = sum(finished_run(out / f"base{b}-rl{r}" / key) is not None for b, r, (key, _, _) in jobs)
+    t_start = time.time()
+    finished = {(b, r, key): done for b, r, (key, _, _) in jobs  # (base seed, RL seed, row key) -> (rows, seconds)
+                if (done := finished_run(run_folder(out, b, r, key))) is not None}  # kept by --reuse
+    reused = len(finished)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_train, out / f"base{b}-rl{r}" / key, base_model_dir(b), r, flags, extra, threads):
-                   (b, r, key, name) for b, r, (key, name, flags) in jobs}
+        futures = {pool.submit(run_train, run_folder(out, b, r, key), base_model_dir(b), r, flags, extra, threads):
+                   (b, r, key, name) for b, r, (key, name, flags) in jobs if (b, r, key) not in finished}
         for future in as_completed(futures):
             (metrics, seconds), (b, r, key, name) = future.result(), futures[future]
             finished[b, r, key] = metrics, seconds
-            eta = (time.time() - t_start) / len(finished) * (len(jobs) - len(finished))
+            eta = (time.time() - t_start) / (len(finished) - reused) * (len(jobs) - len(finished))
             print(f"[{len(finished)}/{len(jobs)}] base {b} rl {r} | {name}: overall {100 * metrics[0]['overall']:.2f} "
                   f"-> {100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {train.format_eta(eta)}", flush=True)
     results, types = {key: [] for key, _, _ in rows}, {"base": [], **{name: [] for _, name, _ in rows}}
     type_of_qid = content_types(data_root)
     for b, r, (key, name, flags) in jobs:  # in job order, whatever order they finished in
-        run_dir = out / f"base{b}-rl{r}" / key
+        before, after = (read_predictions(run_folder(out, b, r, key), tag) for tag in ("step0", "final"))
         results[key].append(summarise(*finished[b, r, key], monitor_args))
-        results[key][-1].update(same_question_start=same_question_share(run_dir, "step0"),
-                                same_question_end=same_question_share(run_dir, "final"))
-        types[name].append(by_content_type(run_dir, type_of_qid, "final"))
+        results[key][-1].update(same_question_start=same_question_share(before),
+                                same_question_end=same_question_share(after))
+        types[name].append(by_content_type(after, type_of_qid))
         if key == rows[0][0]:
-            types["base"].append(by_content_type(run_dir, type_of_qid, "step0"))
+            types["base"].append(by_content_type(before, type_of_qid))
 
     table = aggregate(results, rows)
     run_ids = [(b, r) for b in args.base_seeds for r in args.rl_seeds]  # the order of every per-run list
