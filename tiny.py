@@ -48,7 +48,7 @@ TINY_BASE_DIR, SYNTHETIC_DIR = evaluate.TINY_BASE_DIR, evaluate.SYNTHETIC_DIR
 
 # The frozen recipe of the base model (chosen from base-model reports only; README lists the attempts).
 SIZES = dict(hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2)
-WARM_START = dict(steps=3000, batch_size=16, lr=2e-3)
+WARM_START = dict(steps=4500, batch_size=16, lr=2e-3)
 
 # The premises (README): the base model sees on the source domain, and the target shift costs it.
 MIN_SOURCE_OVERALL, MIN_SOURCE_CLOSED, MIN_SHIFT_COST = 80.0, 75.0, 5.0
@@ -183,8 +183,8 @@ def answer_batch(tokenizer, answers, device):
     return ids.to(device), mask.to(device)
 
 
-def warm_start(model, tokenizer, image_processor, records, steps=3000, batch_size=16, lr=2e-3, seed=0,
-               log_every=250):
+def warm_start(model, tokenizer, image_processor, records, steps=WARM_START["steps"],
+               batch_size=WARM_START["batch_size"], lr=WARM_START["lr"], seed=0, log_every=250):
     """Supervised fine-tuning on labelled source-domain records; answers drawn from paraphrase sets."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -230,9 +230,10 @@ def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, siz
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and not (out_dir / "build.json").is_file():
         raise SystemExit(f"{out_dir} is a base model of the previous recipe (no build.json): delete it and run again")
-    if (out_dir / "config.json").is_file():
-        return out_dir
     sizes, warm = dict(SIZES, **(sizes or {})), dict(WARM_START, **(warm or {}))
+    if (out_dir / "config.json").is_file():
+        check_recipe(out_dir, sizes, warm)
+        return out_dir
     records = data.load_split("synthetic", ensure_synthetic(data_root), "train")
     print(f"building the tiny base model in {out_dir} (seed {seed}, {sizes}, warm start {warm})", flush=True)
     scratch = out_dir.with_name(out_dir.name + ".partial")
@@ -246,6 +247,15 @@ def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, siz
     (scratch / "build.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
     scratch.rename(out_dir)  # atomic: a half-built model is never mistaken for a finished one
     return out_dir
+
+
+def check_recipe(out_dir, sizes, warm):
+    """Refuse a base model built with another recipe (e.g. the 3000-step warm start of an older clone)."""
+    built = json.loads((Path(out_dir) / "build.json").read_text(encoding="utf-8"))
+    if built["sizes"] != sizes or built["warm_start"] != warm:
+        raise SystemExit(f"{out_dir} was built with sizes {built['sizes']}, warm start {built['warm_start']}; "
+                         f"the recipe asks sizes {sizes}, warm start {warm}: delete it and run again, "
+                         f"or pass --out (tiny.py) to build elsewhere")
 
 
 def resolve_model(name):

@@ -63,7 +63,10 @@ def test_build_and_report_of_a_tiny_model(bench_root, tmp_path):
     assert (out / "config.json").is_file() and not (tmp_path / "base.partial").exists()
     recipe = json.loads((out / "build.json").read_text())
     assert recipe["warm_start"]["steps"] == 2 and recipe["sizes"] == SIZES
-    assert tiny.ensure_tiny_base(out, bench_root) == out  # built once: a second call does nothing
+    same = tiny.ensure_tiny_base(out, bench_root, sizes=SIZES, warm={"steps": 2, "batch_size": 2})
+    assert same == out  # built once: a second call with the same recipe does nothing
+    with pytest.raises(SystemExit, match=f"{re.escape(str(out))}.*built with.*'steps': 2.*delete it"):
+        tiny.ensure_tiny_base(out, bench_root)  # the default recipe: an older build is refused, not reused
     report = tiny.write_report(out, bench_root, samples=2)
     assert json.loads((out / "report.json").read_text()) == report
     assert set(report["source_validate"]) == {"greedy"}
