@@ -31,17 +31,14 @@ DEFAULT_PROMPT_SUFFIX = " Answer the question using a single word or phrase."
 # 1. Inputs
 
 
-def build_inputs(tokenizer, image_processor, records, prompt_suffix=DEFAULT_PROMPT_SUFFIX, device="cpu",
-                 vision=None):
+def build_inputs(tokenizer, image_processor, records, prompt_suffix=DEFAULT_PROMPT_SUFFIX, device="cpu"):
     """Tokenised prompts for a batch of records (each with `image` and `question`), left-padded.
 
     Returns a dict: input_ids [B, L], attention_mask [B, L], mm_token_type_ids [B, L] (1 on image
-    tokens), pixel_values [sum of patches, C*T*P*P], image_grid_thw [B, 3]. `vision` is the image
-    processor's output for these records' images when the caller has it already (the warm start caches
-    it, tiny.py); None processes the images here.
+    tokens), pixel_values [sum of patches, C*T*P*P], image_grid_thw [B, 3].
     """
-    if vision is None:
-        vision = image_processor(images=[open_image(r["image"]) for r in records], return_tensors="pt")
+    images = [open_image(r["image"]) for r in records]
+    vision = image_processor(images=images, return_tensors="pt")
     image_token = "<|image_pad|>"
     merge = image_processor.merge_size
     texts = []

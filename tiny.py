@@ -40,7 +40,7 @@ import data
 import evaluate
 import model as modeling
 from data.synthetic import IMAGE_SIZE, PARAPHRASES, paraphrase, write_synthetic
-from rollout import DEFAULT_PROMPT_SUFFIX, build_inputs, completion_logits_and_hidden, open_image
+from rollout import DEFAULT_PROMPT_SUFFIX, build_inputs, completion_logits_and_hidden
 
 # artifacts/tiny-base: the warm-started offline model (built once); artifacts/synthetic: the benchmark (seed 0).
 # Defined in evaluate.py, whose CLI defaults to them (evaluate sits below tiny in the import stack).
@@ -183,25 +183,11 @@ def answer_batch(tokenizer, answers, device):
     return ids.to(device), mask.to(device)
 
 
-def cached_vision(image_processor, records, cache):
-    """The image processor's output for the records' images, each image processed once and kept in `cache`.
-
-    Equal, bit for bit, to one image_processor call on the batch (it processes images one by one), and
-    ~15% of a warm-start step saved; the cache holds ~0.3 MB per image (~0.9 GB for 3000 source images).
-    """
-    for record in records:
-        if record["image"] not in cache:
-            cache[record["image"]] = image_processor(images=[open_image(record["image"])], return_tensors="pt")
-    parts = [cache[record["image"]] for record in records]
-    return {key: torch.cat([part[key] for part in parts]) for key in ("pixel_values", "image_grid_thw")}
-
-
 def warm_start(model, tokenizer, image_processor, records, steps=WARM_START["steps"],
                batch_size=WARM_START["batch_size"], lr=WARM_START["lr"], seed=0, log_every=250):
     """Supervised fine-tuning on labelled source-domain records; answers drawn from paraphrase sets."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    vision_cache = {}  # image path -> its image processor output: each image recurs ~24 times
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     t0 = time.time()
@@ -209,8 +195,7 @@ def warm_start(model, tokenizer, image_processor, records, steps=WARM_START["ste
         for group in optimizer.param_groups:  # linear warmup, cosine decay
             group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = rng.sample(records, batch_size)
-        vision = cached_vision(image_processor, batch, vision_cache)
-        prompt = build_inputs(tokenizer, image_processor, batch, device=model.device, vision=vision)
+        prompt = build_inputs(tokenizer, image_processor, batch, device=model.device)
         ids, mask = answer_batch(tokenizer, [paraphrase(r["answer"], rng) for r in batch], model.device)
         logits, _ = completion_logits_and_hidden(model, prompt, ids, mask, group_size=1)
         loss = torch.nn.functional.cross_entropy(logits.float()[mask.bool()], ids[mask.bool()])
