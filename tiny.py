@@ -228,11 +228,9 @@ def ensure_synthetic(root=SYNTHETIC_DIR, seed=0):
 def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, sizes=None, warm=None):
     """The offline tiny base model: random init + warm start on the source split, built once."""
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and not (out_dir / "build.json").is_file():
-        raise SystemExit(f"{out_dir} is a base model of the previous recipe (no build.json): delete it and run again")
     sizes, warm = dict(SIZES, **(sizes or {})), dict(WARM_START, **(warm or {}))
     if (out_dir / "config.json").is_file():
-        check_recipe(out_dir, sizes, warm)
+        check_recipe(out_dir, seed, sizes, warm)
         return out_dir
     records = data.load_split("synthetic", ensure_synthetic(data_root), "train")
     print(f"building the tiny base model in {out_dir} (seed {seed}, {sizes}, warm start {warm})", flush=True)
@@ -249,13 +247,16 @@ def ensure_tiny_base(out_dir=TINY_BASE_DIR, data_root=SYNTHETIC_DIR, seed=0, siz
     return out_dir
 
 
-def check_recipe(out_dir, sizes, warm):
+def check_recipe(out_dir, seed, sizes, warm):
     """Refuse a base model built with another recipe (e.g. the 3000-step warm start of an older clone)."""
-    built = json.loads((Path(out_dir) / "build.json").read_text(encoding="utf-8"))
-    if built["sizes"] != sizes or built["warm_start"] != warm:
-        raise SystemExit(f"{out_dir} was built with sizes {built['sizes']}, warm start {built['warm_start']}; "
-                         f"the recipe asks sizes {sizes}, warm start {warm}: delete it and run again, "
-                         f"or pass --out (tiny.py) to build elsewhere")
+    path = Path(out_dir) / "build.json"
+    if not path.is_file():
+        raise SystemExit(f"{out_dir} is a base model of the previous recipe (no build.json): delete it and run again")
+    built = json.loads(path.read_text(encoding="utf-8"))
+    if (built["seed"], built["sizes"], built["warm_start"]) != (seed, sizes, warm):
+        raise SystemExit(f"{out_dir} was built with seed {built['seed']}, sizes {built['sizes']}, warm start "
+                         f"{built['warm_start']}; the recipe asks seed {seed}, sizes {sizes}, warm start {warm}: "
+                         f"delete it and run again, or pass --out (tiny.py) to build elsewhere")
 
 
 def resolve_model(name):

@@ -67,6 +67,8 @@ def test_build_and_report_of_a_tiny_model(bench_root, tmp_path):
     assert same == out  # built once: a second call with the same recipe does nothing
     with pytest.raises(SystemExit, match=f"{re.escape(str(out))}.*built with.*'steps': 2.*delete it"):
         tiny.ensure_tiny_base(out, bench_root)  # the default recipe: an older build is refused, not reused
+    with pytest.raises(SystemExit, match=f"{re.escape(str(out))}.*built with seed 0.*asks seed 1"):
+        tiny.ensure_tiny_base(out, bench_root, seed=1, sizes=SIZES, warm={"steps": 2, "batch_size": 2})
     report = tiny.write_report(out, bench_root, samples=2)
     assert json.loads((out / "report.json").read_text()) == report
     assert set(report["source_validate"]) == {"greedy"}
