@@ -34,10 +34,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint
 import evaluate
+import monitor
 import tiny
 import train
 
@@ -53,11 +55,21 @@ ROWS = [  # (key, name, train.py flags)
     ("medevo-n32", "Med-Evo, label from N = 32",
      ["--pseudo-label", "fpl", "--reward", "hsr", "--label-samples", "32"]),
 ]
-# Chosen once on the target-domain dev split (README, "Adaptation hyperparameters, chosen on dev"), for every row.
+DEFAULT_ROWS = [key for key, _, _ in ROWS]
+# The break-even sweep: HSR against a label that is the truth with probability p (train.py --reward noisy-oracle).
+NOISY_ACCURACIES = ["0.5", "0.6", "0.7", "0.8", "0.9", "1.0"]
+ROWS += [(f"noisy-{p}", f"noisy oracle, label accuracy {p}",
+          ["--pseudo-label", "fpl", "--reward", "noisy-oracle", "--label-accuracy", p]) for p in NOISY_ACCURACIES]
+# The oracle's setting, chosen once on the target-domain dev split (README); --settings gives each row its own.
 HPARAMS = ["--lr", "1e-4", "--epochs", "3", "--kl-coef", "0.04"]
 FIXED = ["--dataset", "synthetic", "--split", "test", "--group-size", "8", "--temperature", "1.0",
          "--eval-every", "48", "--save-every", "100000"]  # 143 steps an epoch: 3 evaluations an epoch
+# The per-row dev grid (--dev-grid): every lr for DEV_EPOCHS epochs on dev from base model 0, an evaluation
+# per epoch; a row's setting is its best dev score over every (lr, epoch) AND no adaptation (step 0).
+DEV_LRS = ["1e-5", "3e-5", "1e-4"]
+DEV_EPOCHS = 3
 WINDOW = 10  # steps averaged for "start" and "end" of the hit rate and consensus
+LABEL_QUALITY = ["contested_share", "contested_hit_rate", "contested_greedy_rate", "reward_accuracy", "hit_rate"]
 METRICS = ["overall", "open_recall", "closed_acc"]
 
 
@@ -66,7 +78,8 @@ METRICS = ["overall", "open_recall", "closed_acc"]
 
 
 def base_model_dir(seed):
-    return tiny.TINY_BASE_DIR if seed == 0 else tiny.TINY_BASE_DIR.with_name(f"tiny-base-seed{seed}")
+    """The shipped base model of warm-start seed `seed` (models/tiny-base-seedS), every file hash-checked."""
+    return tiny.shipped_model(seed)
 
 
 def base_premises(seed, data_root):
@@ -83,15 +96,18 @@ def run_folder(out, base_seed, rl_seed, key):
     return out / f"base{base_seed}-rl{rl_seed}" / key
 
 
-def run_train(out_dir, model_dir, rl_seed, flags, extra, threads):
-    """One train.py run; returns its metrics.jsonl rows and wall time."""
+def run_train(out_dir, model_dir, rl_seed, flags, extra, threads, hparams=HPARAMS):
+    """One train.py run (a later flag overrides an earlier one); returns its metrics.jsonl rows and wall time."""
     cmd = [sys.executable, str(REPO / "train.py"), "--out-dir", str(out_dir), "--overwrite", "--model", str(model_dir),
-           "--seed", str(rl_seed), *FIXED, *HPARAMS, *flags, *extra]
+           "--seed", str(rl_seed), *FIXED, *hparams, *flags, *extra]
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    log = out_dir.with_name(out_dir.name + ".log")  # beside the run (train.py --overwrite clears the run folder)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:  # a file, not a pipe: a run outlives an interrupted ablate.py instead of blocking
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{log.read_text()[-3000:]}")
     (out_dir / "wall_seconds.json").write_text(json.dumps(time.time() - t0))
     return finished_run(out_dir)
 
@@ -118,7 +134,7 @@ def monitor_verdict(evals, args):
     """Where --stop-on-collapse (its default thresholds) would have stopped, and the kept checkpoint's scores."""
     base, kept = evals[0], evals[0]
     for row in evals[1:]:
-        reason = train.collapse_reason(row, base, args)
+        reason = monitor.collapse_reason(row, base, args)
         if reason:
             return {"fired_at_step": row["step"], "reason": reason, "kept_step": kept["step"],
                     "kept": {k: kept[k] for k in METRICS}}
@@ -143,6 +159,11 @@ def summarise(rows, seconds, monitor_args):
         "consensus_curve": [(r["step"], r["consensus"]) for r in steps],
         "score_curve": [(r["step"], r["overall"]) for r in evals],
         "monitor": monitor_verdict(evals, monitor_args),
+        **{key: mean(r.get(key) for r in steps) for key in LABEL_QUALITY},  # over the whole run
+        "image_sensitivity_curve": [(r["step"], r.get("image_sensitivity")) for r in evals],
+        "image_sensitivity_start": evals[0].get("image_sensitivity"),
+        "image_sensitivity_end": evals[-1].get("image_sensitivity"),
+        "flips": [(r["step"], r.get("flips_right_to_wrong"), r.get("flips_wrong_to_right")) for r in evals[1:]],
     }
 
 
@@ -191,9 +212,13 @@ def aggregate(results, rows):
     for key, name, _ in rows:
         runs = results[key]
         table[name] = {k: spread([r["after"][k] for r in runs]) for k in METRICS}
+        if any(r.get("no_adaptation") for r in runs):
+            table[name]["dev_choice"] = "no adaptation"
+            continue
         for k in ["hit_start", "hit_end", "consensus_start", "consensus_end", "same_question_start",
-                  "same_question_end"]:
-            table[name][k] = spread([r[k] for r in runs])
+                  "same_question_end", "image_sensitivity_start", "image_sensitivity_end", *LABEL_QUALITY]:
+            values = [r.get(k) for r in runs]
+            table[name][k] = spread(values) if None not in values else None
         table[name]["seconds"] = statistics.mean(r["seconds"] for r in runs)
         table[name]["monitor_fired"] = sum(r["monitor"]["fired_at_step"] is not None for r in runs)
         table[name]["monitor_kept_overall"] = spread([r["monitor"]["kept"]["overall"] for r in runs])
@@ -201,19 +226,26 @@ def aggregate(results, rows):
 
 
 def markdown(table, n_runs):
+    def pct(s):
+        return "–" if s is None else f"{s['mean']:.1f}"
+
     lines = [f"| method (n = {n_runs} runs) | open recall | closed acc. | overall | hit rate start → end | "
-             "consensus start → end | same-question top share before → after | monitor fired | "
+             "consensus start → end | contested share | contested: label right / greedy right | reward accuracy | "
+             "image sensitivity before → after | same-question top share before → after | monitor fired | "
              "overall kept by the monitor | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---" * 14 + "|"]
     for name, row in table.items():
+        scores = f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} |"
         if "hit_start" not in row:
-            lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} "
-                         "| – | – | – | – | – | – |")
+            note = "dev choice: no adaptation" if row.get("dev_choice") else "–"
+            lines.append(scores + f" {note} |" + " – |" * 10)
             continue
-        lines.append(f"| {name} | {cell(row['open_recall'])} | {cell(row['closed_acc'])} | {cell(row['overall'])} | "
-                     f"{row['hit_start']['mean']:.1f} → {row['hit_end']['mean']:.1f} | "
-                     f"{row['consensus_start']['mean']:.1f} → {row['consensus_end']['mean']:.1f} | "
-                     f"{row['same_question_start']['mean']:.1f} → {row['same_question_end']['mean']:.1f} | "
+        lines.append(scores + f" {pct(row['hit_start'])} → {pct(row['hit_end'])} | "
+                     f"{pct(row['consensus_start'])} → {pct(row['consensus_end'])} | {pct(row['contested_share'])} | "
+                     f"{pct(row['contested_hit_rate'])} / {pct(row['contested_greedy_rate'])} | "
+                     f"{pct(row['reward_accuracy'])} | "
+                     f"{pct(row['image_sensitivity_start'])} → {pct(row['image_sensitivity_end'])} | "
+                     f"{pct(row['same_question_start'])} → {pct(row['same_question_end'])} | "
                      f"{row['monitor_fired']}/{n_runs} | {cell(row['monitor_kept_overall'])} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -274,12 +306,191 @@ def plot_evolution(runs, path):
 # ----------------------------------------------------------------------------------------------
 
 
+def break_even(table, rows):
+    """The noisy-oracle sweep: per label accuracy p, the final score and the measured label accuracy (overall
+    and on contested groups); p* where the score curve first crosses the base model's (linear between
+    neighbours; None if it never does); and each label-free row's contested hit rate beside it."""
+    base = table["base model (no adaptation)"]["overall"]["mean"]
+    sweep = [{"p": float(key.split("-")[1]), "overall": table[name]["overall"], "hit_rate": table[name]["hit_rate"],
+              "contested_hit_rate": table[name]["contested_hit_rate"]}
+             for key, name, _ in rows if key.startswith("noisy-")]
+    p_star = None
+    for lo, hi in zip(sweep, sweep[1:]):
+        a, b = lo["overall"]["mean"] - base, hi["overall"]["mean"] - base
+        if a < 0 <= b:
+            p_star = lo["p"] + (hi["p"] - lo["p"]) * -a / (b - a)
+            break
+    label_free = {name: table[name]["contested_hit_rate"] for key, name, flags in rows
+                  if not key.startswith("noisy-") and key != "oracle" and "hit_start" in table[name]}
+    return {"base_overall": base, "sweep": sweep, "p_star": p_star, "label_free_contested_hit_rate": label_free}
+
+
+def plot_break_even(result, path):
+    """Final score against label accuracy (p asked, and measured on contested groups), the base model's score,
+    and each label-free row's measured contested hit rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sweep = result["sweep"]
+    ax.errorbar([s["p"] * 100 for s in sweep], [s["overall"]["mean"] for s in sweep],
+                yerr=[s["overall"]["std"] for s in sweep], fmt="o-", color="tab:red", label="noisy oracle: p asked")
+    measured = [(s["contested_hit_rate"]["mean"], s["overall"]["mean"]) for s in sweep if s["contested_hit_rate"]]
+    if measured:
+        ax.plot(*zip(*measured), "s--", color="tab:orange", label="noisy oracle: label accuracy on contested groups")
+    ax.axhline(result["base_overall"], color="black", lw=1, label="base model (no adaptation)")
+    for i, (name, rate) in enumerate(result["label_free_contested_hit_rate"].items()):
+        if rate is not None:
+            ax.axvline(rate["mean"], color=f"C{i + 2}", ls=":", label=f"{name}: contested hit rate")
+    ax.set_xlabel("label accuracy (%)")
+    ax.set_ylabel("overall score after adaptation (%)")
+    ax.set_title("Break-even label accuracy" + (f": p* = {100 * result['p_star']:.0f}%" if result["p_star"] else ""))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running many: a pool of train.py runs, and the per-row dev grid
+
+
+@dataclass
+class Job:
+    """One train.py run of the ablation."""
+    key: tuple  # what the results are filed under
+    out_dir: Path
+    model_dir: Path
+    rl_seed: int
+    flags: list  # the row's method flags, then its setting's
+    hparams: list
+    label: str  # for the progress line
+
+
+def run_jobs(jobs, n_parallel, extra):
+    """Run every job not already finished in its folder; returns {key: (rows, seconds)} and how many were reused."""
+    finished = {job.key: done for job in jobs if (done := finished_run(job.out_dir)) is not None}  # --reuse
+    reused, t_start = len(finished), time.time()
+    threads = max(1, (os.cpu_count() or 1) // n_parallel)
+    with ThreadPoolExecutor(n_parallel) as pool:
+        futures = {pool.submit(run_train, job.out_dir, job.model_dir, job.rl_seed, job.flags, extra, threads,
+                               job.hparams): job for job in jobs if job.key not in finished}
+        for future in as_completed(futures):
+            (metrics, seconds), job = future.result(), futures[future]
+            finished[job.key] = metrics, seconds
+            eta = (time.time() - t_start) / (len(finished) - reused) * (len(jobs) - len(finished))
+            print(f"[{len(finished)}/{len(jobs)}] {job.label}: overall {100 * metrics[0]['overall']:.2f} -> "
+                  f"{100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {train.format_eta(eta)}", flush=True)
+    return finished, reused
+
+
+def dev_candidates(rows_logged, lr, steps_per_epoch):
+    """The (lr, epochs) candidates of one dev run: its evaluation after each epoch, in percent."""
+    evals = {r["step"]: r["overall"] for r in rows_logged if "eval" in r and r["step"] > 0}
+    return [{"lr": lr, "epochs": step // steps_per_epoch, "steps": step, "overall": 100 * overall}
+            for step, overall in sorted(evals.items()) if step % steps_per_epoch == 0]
+
+
+def choose_setting(candidates):
+    """The best dev score; the first candidate (no adaptation) wins ties, so adapting must do strictly better."""
+    best = candidates[0]
+    for candidate in candidates[1:]:
+        if candidate["overall"] > best["overall"]:
+            best = candidate
+    return best
+
+
+def dev_grid(rows, base_seed, n_parallel, extra, out):
+    """Every row x DEV_LRS for DEV_EPOCHS epochs on dev (adapt on dev, score dev); writes dev_choices.json."""
+    steps_per_epoch = len(json.loads((tiny.ensure_synthetic() / "dev.json").read_text())) // 8
+    jobs = [Job((key, lr), run_folder(out, base_seed, 0, f"{key}-lr{lr}"), base_model_dir(base_seed), 0, flags,
+                ["--split", "dev", "--lr", lr, "--epochs", str(DEV_EPOCHS), "--eval-every", str(steps_per_epoch),
+                 "--kl-coef", "0.04"], f"dev | {name} | lr {lr}")
+            for key, name, flags in rows for lr in DEV_LRS]
+    finished, _ = run_jobs(jobs, n_parallel, extra)
+    choices = {}
+    for key, name, _ in rows:
+        runs = {lr: finished[key, lr][0] for lr in DEV_LRS}
+        none = {"lr": None, "epochs": 0, "steps": 0, "overall": 100 * runs[DEV_LRS[0]][0]["overall"]}
+        candidates = [none] + [c for lr in DEV_LRS for c in dev_candidates(runs[lr], lr, steps_per_epoch)]
+        choices[key] = {"name": name, "choice": choose_setting(candidates), "candidates": candidates,
+                        "runs": {lr: str(run_folder(out, base_seed, 0, f"{key}-lr{lr}")) for lr in DEV_LRS},
+                        "dev_curves": {lr: dev_curve(runs[lr]) for lr in DEV_LRS}}
+    (out / "dev_choices.json").write_text(json.dumps({"base_seed": base_seed, "rows": choices}, indent=1))
+    text = dev_markdown(choices)
+    (out / "dev_table.md").write_text(text + "\n")
+    print(text + f"\nwrote {out / 'dev_choices.json'} and {out / 'dev_table.md'}")
+
+
+def dev_curve(rows_logged):
+    """Per evaluation of a dev run: step, overall, image sensitivity, same-question share (label-free signs)."""
+    return [{k: r.get(k) for k in ("step", "overall", "image_sensitivity", "same_question_top_share",
+                                   "closed_top_share", "answer_entropy", "flips_right_to_wrong",
+                                   "flips_wrong_to_right")} for r in rows_logged if "eval" in r]
+
+
+def dev_markdown(choices):
+    lines = ["| row | no adaptation | " + " | ".join(f"lr {lr}, epoch {e}" for lr in DEV_LRS
+                                                    for e in range(1, DEV_EPOCHS + 1)) + " | dev choice |",
+             "|---" * (2 + len(DEV_LRS) * DEV_EPOCHS) + "|---|"]
+    for choice in choices.values():
+        c = choice["choice"]
+        chosen = "no adaptation" if c["lr"] is None else f"lr {c['lr']}, {c['epochs']} epoch(s)"
+        lines.append(f"| {choice['name']} | " + " | ".join(f"{x['overall']:.2f}" for x in choice["candidates"])
+                     + f" | **{chosen}** |")
+    return "\n".join(lines)
+
+
+def read_settings(path):
+    """--settings: a dev_choices.json written by --dev-grid, or None."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--settings {path}: not a readable dev_choices.json ({err})") from err
+
+
+def row_setting(key, settings):
+    """The row's hparams from --settings (dev_choices.json): None = no adaptation; HPARAMS without --settings."""
+    if settings is None:
+        return HPARAMS
+    rows = settings["rows"]
+    source = key if key in rows else "oracle" if key.startswith("noisy-") else None  # noisy rows: the oracle's
+    if source is None:
+        raise SystemExit(f"--settings has no dev choice for row {key!r} (it has {sorted(rows)}): run --dev-grid "
+                         f"with that row first")
+    choice = rows[source]["choice"]
+    return None if choice["lr"] is None else ["--lr", choice["lr"], "--epochs", str(choice["epochs"]),
+                                              "--kl-coef", "0.04"]
+
+
+def no_adaptation_summary(base_rows):
+    """A row whose dev choice is no adaptation: its test score is the base model's (step-0 evaluation)."""
+    evals = [r for r in base_rows if "eval" in r]
+    return {"before": {k: evals[0][k] for k in METRICS}, "after": {k: evals[0][k] for k in METRICS},
+            "no_adaptation": True}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="warm-start seeds of the base models")
     parser.add_argument("--rl-seeds", type=int, nargs="+", default=[0], help="train.py --seed of each run")
-    parser.add_argument("--rows", nargs="+", default=[key for key, _, _ in ROWS], help="row keys to run")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                        help=f"row keys to run (default: the methods; the break-even sweep: "
+                             f"{' '.join(f'noisy-{p}' for p in NOISY_ACCURACIES)})")
+    parser.add_argument("--dev-grid", action="store_true",
+                        help="choose each row's setting on dev from the first --base-seeds model: DEV_LRS x DEV_EPOCHS "
+                             "and no adaptation; writes dev_choices.json (give it to a test ablation as --settings)")
+    parser.add_argument("--settings", default=None,
+                        help="dev_choices.json of a --dev-grid: each row runs with its own dev-chosen lr and epochs, "
+                             "or not at all when its choice is no adaptation (noisy-* rows take the oracle's); "
+                             "default: every row at the oracle's setting HPARAMS")
     parser.add_argument("--out", default="runs/ablation",
                         help="where the runs, table.md, ablation.json and evolution.png go")
     parser.add_argument("--no-plot", action="store_true", help="skip evolution.png (it needs matplotlib)")
@@ -303,41 +514,46 @@ def main():
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {[key for key, _, _ in ROWS]}")
     if not args.no_plot:
         import matplotlib  # noqa: F401  (fail now, not after the runs: pip install matplotlib, or --no-plot)
-    rows = [row for row in ROWS if row[0] in args.rows]
+    rows = [row for key in args.rows for row in ROWS if row[0] == key]  # in the order given
+    settings = read_settings(args.settings)
+    if args.dev_grid:
+        return dev_grid(rows, args.base_seeds[0], args.jobs, extra, out)
     monitor_args = train.parse_args(["--stop-on-collapse", "--eval-every", "1"])  # the default thresholds
     data_root = tiny.ensure_synthetic()
     premises_met = {seed: base_premises(seed, data_root) for seed in args.base_seeds}  # premises before results
 
-    jobs = [(b, r, row) for b in args.base_seeds for r in args.rl_seeds for row in rows]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t_start = time.time()
-    finished = {(b, r, key): done for b, r, (key, _, _) in jobs  # (base seed, RL seed, row key) -> (rows, seconds)
-                if (done := finished_run(run_folder(out, b, r, key))) is not None}  # kept by --reuse
-    reused = len(finished)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_train, run_folder(out, b, r, key), base_model_dir(b), r, flags, extra, threads):
-                   (b, r, key, name) for b, r, (key, name, flags) in jobs if (b, r, key) not in finished}
-        for future in as_completed(futures):
-            (metrics, seconds), (b, r, key, name) = future.result(), futures[future]
-            finished[b, r, key] = metrics, seconds
-            eta = (time.time() - t_start) / (len(finished) - reused) * (len(jobs) - len(finished))
-            print(f"[{len(finished)}/{len(jobs)}] base {b} rl {r} | {name}: overall {100 * metrics[0]['overall']:.2f} "
-                  f"-> {100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {train.format_eta(eta)}", flush=True)
-    results, types = {key: [] for key, _, _ in rows}, {"base": [], **{name: [] for _, name, _ in rows}}
-    type_of_qid = content_types(data_root)
-    for b, r, (key, name, flags) in jobs:  # in job order, whatever order they finished in
-        before, after = (read_predictions(run_folder(out, b, r, key), tag) for tag in ("step0", "final"))
-        results[key].append(summarise(*finished[b, r, key], monitor_args))
-        results[key][-1].update(same_question_start=same_question_share(before),
-                                same_question_end=same_question_share(after))
-        types[name].append(by_content_type(after, type_of_qid))
-        if key == rows[0][0]:
-            types["base"].append(by_content_type(before, type_of_qid))
-
-    table = aggregate(results, rows)
     run_ids = [(b, r) for b in args.base_seeds for r in args.rl_seeds]  # the order of every per-run list
+    hparams = {key: row_setting(key, settings) for key, _, _ in rows}  # None: the dev choice is no adaptation
+    adapted = [key for key, _, _ in rows if hparams[key]]
+    if not adapted:
+        raise SystemExit("every row's dev choice is no adaptation: there is nothing to run")
+    noisy = [row for row in rows if row[0].startswith("noisy-")]  # the break-even sweep: the first run id only
+    rows = [row for row in rows if row not in noisy]
+    jobs = [Job((b, r, key), run_folder(out, b, r, key), base_model_dir(b), r, flags, hparams[key],
+                f"base {b} rl {r} | {name}") for b, r in run_ids for key, name, flags in rows + noisy
+            if hparams[key] and ((b, r) == run_ids[0] or (key, name, flags) not in noisy)]
+    finished, reused = run_jobs(jobs, args.jobs, extra)
+    results, types = {key: [] for key, _, _ in rows + noisy}, {"base": [], **{name: [] for _, name, _ in rows}}
+    type_of_qid = content_types(data_root)
+    for b, r in run_ids:
+        base_run = run_folder(out, b, r, adapted[0])
+        for key, name, flags in rows + (noisy if (b, r) == run_ids[0] else []):  # in row order
+            run_dir = run_folder(out, b, r, key) if hparams[key] else base_run
+            before, after = (read_predictions(run_dir, tag) for tag in ("step0", "final" if hparams[key] else "step0"))
+            results[key].append(summarise(*finished[b, r, key], monitor_args) if hparams[key]
+                                else no_adaptation_summary(finished[b, r, adapted[0]][0]))
+            results[key][-1].update(same_question_start=same_question_share(before),
+                                    same_question_end=same_question_share(after))
+            if name in types:  # the method rows (not the sweep)
+                types[name].append(by_content_type(after, type_of_qid))
+            if key == rows[0][0]:
+                types["base"].append(by_content_type(before, type_of_qid))
+
+    table = aggregate({key: results[key] for key, _, _ in rows}, rows)
     text = markdown(table, len(run_ids))
-    report = {"hparams": HPARAMS, "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
+    report = {"hparams": HPARAMS if settings is None else {key: hp or "none" for key, hp in hparams.items()},
+              "settings": args.settings, "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
               "rl_seeds": args.rl_seeds, "run_ids": run_ids, "base_premises_met": premises_met,
               "rows": table, "runs": results,
               "wall_seconds": time.time() - t_start, "runs_reused": reused,  # reused runs' time is not in it
@@ -354,7 +570,7 @@ def main():
     if "medevo-n32" in results and "ttrl-n32" in results:
         report["medevo_minus_ttrl_n32"] = paired(results, "medevo-n32", "ttrl-n32")
         text += "\nwith N = 32: " + per_run(report["medevo_minus_ttrl_n32"], run_ids)
-    report["by_content_type"] = {name: runs for name, runs in types.items()}
+    report["by_content_type"] = types
     text += ("\n\nScore change per question type against the base model (points, mean over runs):\n\n"
              + content_table(types))
     (out / "table.md").write_text(text + "\n")
@@ -365,6 +581,15 @@ def main():
     if not args.no_plot and "medevo" in results:
         plot_evolution(results["medevo"], out / "evolution.png")
         print(f"wrote {out / 'evolution.png'}")
+    if noisy:  # on the first run id's base model: the sweep, and the method rows' contested hit rates beside it
+        first = aggregate({key: runs[:1] for key, runs in results.items()}, rows + noisy)
+        report["break_even"] = dict(break_even(first, rows + noisy), run_id=run_ids[0],
+                                    rows=markdown(first, 1))
+        (out / "ablation.json").write_text(json.dumps(report, indent=1))
+        print(f"break-even label accuracy p* = {report['break_even']['p_star']}")
+        if not args.no_plot:
+            plot_break_even(report["break_even"], out / "break_even.png")
+            print(f"wrote {out / 'break_even.png'}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ QUESTIONS = [  # for generated records: different lengths, so prompts get differ
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
-                   help="hub name or folder; 'tiny' = the offline tiny base model (built on first use)")
+                   help="hub name or folder; 'tiny' = the shipped offline tiny base model (seed 0)")
     p.add_argument("--random-tiny", action="store_true",
                    help="a random-weight tiny model of the tiny base's size, built in a temp dir")
     p.add_argument("--qwen-3b-random", action="store_true",
@@ -84,7 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--part", default="all", choices=["all", "sampler", "train"], help="which measurement to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="where the results are written as JSON")
+    modeling.add_pixel_flags(p)
     args = p.parse_args(argv)
+    modeling.check_pixel_flags(args.max_pixels, args.min_pixels)
     if args.random_tiny and args.qwen_3b_random:
         raise SystemExit("--random-tiny and --qwen-3b-random each pick the model: give one of them")
     if (args.random_tiny or args.qwen_3b_random) and args.model != "tiny":
@@ -335,11 +337,13 @@ def format_train_step(result, args, device):
 
 
 def main(argv=None):
+    modeling.disable_cudnn_attention()  # on CUDA: cuDNN SDPA's backward gives NaN gradients with our masks
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else modeling.default_device()
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="medevo-bench-") as scratch:
         model, tokenizer, image_processor, records, description = model_and_records(args, device, scratch)
+        print(modeling.apply_pixel_flags(image_processor, args.max_pixels, args.min_pixels, records))
         dtype = next(model.parameters()).dtype
         setup = {"model": description, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                  "attention": model.config._attn_implementation,

@@ -104,3 +104,63 @@ def label_texts(texts, group_size, labels):
     """The text of each group's pseudo label: labels [B] index within each group of G consecutive texts."""
     check_groups(len(texts), group_size, "label_texts")
     return [texts[g * group_size + int(i)] for g, i in enumerate(labels)]
+
+
+def pseudo_labels(kind, emb, texts, group_size):
+    """Each group's pseudo-label index [B]: "fpl" (Med-Evo) from the embeddings, "majority" (TTRL) from the texts."""
+    if kind == "fpl":
+        return fpl_pseudo_labels(emb, group_size)
+    return torch.tensor(majority_vote(texts, group_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The noisy oracle: a label of known accuracy, to find the break-even accuracy of a pseudo label
+
+
+def noisy_oracle_labels(texts, group_size, truths, accuracy, draws):
+    """Per group: the truth when its draw < accuracy, else the group's most frequent wrong answer.
+
+    This is an ablation that reads labels (`--reward noisy-oracle --label-accuracy p`), never a method. A
+    wrong answer is one that does not match the truth exactly (normalised): the oracle reward's notion.
+    The wrong label is what a real pseudo label would be when it errs: the group's most frequent wrong
+    answer (first occurrence on ties). A group with no wrong answer keeps the truth (a label chosen from
+    its answers could not be wrong either), so the measured label accuracy is at least p; train.py logs it.
+    texts: B*G answers; truths, draws (uniform in [0, 1)): one per group. Returns B label texts.
+    """
+    check_groups(len(texts), group_size, "noisy_oracle_labels")
+    labels = []
+    for g, (truth, draw) in enumerate(zip(truths, draws)):
+        group = texts[g * group_size:(g + 1) * group_size]
+        wrong = [t for t in group if normalize_answer(t) != normalize_answer(truth)]
+        if draw < accuracy or not wrong:
+            labels.append(truth)
+            continue
+        counts = Counter(normalize_answer(t) for t in wrong)
+        top = max(counts.values())
+        labels.append(next(t for t in wrong if counts[normalize_answer(t)] == top))
+    return labels
+
+
+def oracle_targets(reward_kind, truths, texts, group_size, accuracy, generator):
+    """What an oracle ablation rewards against, one text per group: the truth ("oracle"), a noisy label of
+    accuracy p drawn with `generator` ("noisy-oracle"); None for the label-free rewards."""
+    if reward_kind == "oracle":
+        return truths
+    if reward_kind == "noisy-oracle":
+        draws = torch.rand(len(truths), generator=generator, device=generator.device).tolist()
+        return noisy_oracle_labels(texts, group_size, truths, accuracy, draws)
+    return None
+
+
+@torch.no_grad()
+def cosine_to_label_texts(emb, texts, group_size, label_texts):
+    """Cosine of each answer to the first answer of its group equal (normalised) to the group's label text;
+    0 for every answer of a group where no answer equals it (a label from outside the group has no
+    embedding here): [N, D] -> [N]."""
+    unit = unit_groups(emb, group_size, "cosine_to_label_texts")  # [B, G, D]
+    cos = torch.zeros(unit.shape[:2])  # [B, G]
+    for g, label in enumerate(label_texts):
+        group = [normalize_answer(t) for t in texts[g * group_size:(g + 1) * group_size]]
+        if normalize_answer(label) in group:
+            cos[g] = unit[g] @ unit[g, group.index(normalize_answer(label))]
+    return cos.reshape(-1)

@@ -16,6 +16,9 @@ newest complete one (by its step), finishes the interrupted swap, and says which
 Resume is exact or refuses: the flags that define the run are recorded, and a different value on
 `--resume` is refused with the flag's name, except the ones in RESUME_MAY_CHANGE, which take effect.
 
+Every rank writes its own optimizer shard into the checkpoint, so every rank must see the same --out-dir
+(on several nodes: a shared file system); `check_shared_out_dir` refuses to start otherwise.
+
 metrics.jsonl has one row per training step and one per evaluation. On resume the rows past the
 checkpoint's step (written after the last save, before a kill) are dropped, and so are the evaluations
 at and after it, which the resumed run redoes: no row ever appears twice. NaN is written as null.
@@ -23,7 +26,9 @@ at and after it, which the resumed run redoes: no row ever appears twice. NaN is
 
 import json
 import math
+import secrets
 import shutil
+import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +55,9 @@ RESUME_MAY_CHANGE = {
     "eval_batch_size": "bookkeeping",
     "save_every": "bookkeeping",
     "gradient_checkpointing": "recomputes the same activations",
+    "offload": "moves the same fp32 states between GPU and host",
+    "max_skipped_steps": "bookkeeping",
+    "dist_timeout_minutes": "bookkeeping",
 }
 FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 
@@ -99,6 +107,39 @@ def swap_in(out_dir):
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_shared_out_dir(out_dir):
+    """Refuse to start unless every rank sees rank 0's --out-dir: rank 0 writes a token there, all must read it.
+
+    A checkpoint is one folder with one optimizer shard per rank; written to node-local folders, it could not
+    be resumed. Collective; one process passes at once.
+    """
+    if not parallel.dist.is_initialized() or parallel.dist.get_world_size() == 1:
+        return
+    mark = None
+    if parallel.is_rank0():
+        mark = (f".rank0-{secrets.token_hex(4)}", secrets.token_hex(8))
+        (Path(out_dir) / mark[0]).write_text(mark[1])
+    name, token = parallel.broadcast_from_rank0(mark)  # after rank 0's write
+    path = Path(out_dir) / name  # this rank's --out-dir
+    seen = path.read_text() if path.is_file() else None
+    ranks = parallel.gather_lists([(parallel.dist.get_rank(), socket.gethostname(), seen == token)])
+    if parallel.is_rank0():
+        path.unlink()
+    blind = [f"rank {rank} on {host}" for rank, host, ok in ranks if not ok]
+    if blind:
+        raise SystemExit(f"--out-dir {out_dir}: {', '.join(blind)} cannot read the file rank 0 wrote there ({path}); "
+                         f"every rank writes its optimizer shard into the checkpoint, so all nodes must share --out-dir "
+                         f"(a shared file system)")
+
+
+def describe_newest(out_dir):
+    """The newest complete checkpoint, in words (for a run that stops on a failure)."""
+    folder, step = newest_complete(Path(out_dir))
+    if folder is None:
+        return "none: no checkpoint was written, the start model is the last good one"
+    return f"step {step}, in {folder} (continue from it with --resume)"
 
 
 # ----------------------------------------------------------------------------------------------

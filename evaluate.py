@@ -31,7 +31,7 @@ Rules (all on normalize_for_eval text: SQuAD normalisation + number words -> dig
 
 Run it (greedy answers, then the table; per-question predictions go to a JSONL file):
 
-    python evaluate.py --dataset synthetic --model artifacts/tiny-base
+    python evaluate.py --dataset synthetic --model models/tiny-base-seed1      # default: models/tiny-base-seed0
     python evaluate.py --dataset slake --data-root PATH --model Qwen/Qwen2.5-VL-3B-Instruct
 """
 
@@ -46,12 +46,14 @@ import torch
 import centroid
 import data
 import model as modeling
+import monitor
+import reward
 import rollout
 from reward import normalize_answer
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SYNTHETIC_DIR = ARTIFACTS / "synthetic"  # the offline benchmark (tiny.SYNTHETIC_DIR), written by `python tiny.py`
-TINY_BASE_DIR = ARTIFACTS / "tiny-base"  # the offline base model (tiny.TINY_BASE_DIR), built by `python tiny.py`
+TINY_BASE_DIR = ARTIFACTS.parent / "models" / "tiny-base-seed0"  # the shipped offline base model (tiny.py)
 
 NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -152,6 +154,20 @@ def score_predictions(records, preds):
     }
 
 
+def fully_right(preds, records, answers):
+    """[B] bool: does the metric score each prediction fully right against `answers`? None if any is missing."""
+    if any(answer is None for answer in answers):
+        return None
+    return [question_score(p, answer_text(a, i), r["answer_type"]) == 1.0
+            for i, (p, a, r) in enumerate(zip(preds, answers, records))]
+
+
+def right_by_qid(records, preds):
+    """{qid: does the metric score the prediction fully right?} (None for a record without an answer)."""
+    return {r["qid"]: None if r["answer"] is None else question_score(p, answer_text(r["answer"], i), r["answer_type"])
+            == 1.0 for i, (r, p) in enumerate(zip(records, preds))}
+
+
 def answer_statistics(records, preds):
     """Label-free statistics of a split's answers: the collapse monitor of self-labelled RL.
 
@@ -238,6 +254,58 @@ def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size
     return score_predictions(records, majority), score_predictions(records, fpl)
 
 
+@torch.no_grad()
+def premise_check(model, tokenizer, image_processor, records, samples=8, temperature=1.0, batch_size=32,
+                  sample_batch_size=8, prompt_suffix=rollout.DEFAULT_PROMPT_SUFFIX, max_new_tokens=16, seed=0):
+    """Will label-free adaptation help this model here? Everything measured on a *labelled* split, no training.
+
+    greedy: the greedy score; single_sample: the mean score of single answers sampled at `temperature`;
+    majority / fpl: the score of the pseudo label among `samples` answers, and where the gradient would flow
+    (contested questions: the rewards of TTRL = majority + exact, or Med-Evo = FPL + HSR, are not all equal)
+    how often the label and the greedy answer are fully right, and the reward accuracy (monitor.py);
+    image_sensitivity: share of greedy answers that change when the image is greyed out.
+    """
+    options = dict(batch_size=batch_size, prompt_suffix=prompt_suffix, max_new_tokens=max_new_tokens)
+    greedy = predict(model, tokenizer, image_processor, records, **options)
+    grey = monitor.grey_answers(model, tokenizer, image_processor, records, **options)
+    truths = [answer_text(r["answer"], i) for i, r in enumerate(records)]
+    greedy_right = list(right_by_qid(records, greedy).values())
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    single, found = [], {kind: {"labels": [], "contested": [], "agree": []} for kind in centroid.PSEUDO_LABELS}
+    for start in range(0, len(records), sample_batch_size):
+        batch, batch_truths = records[start:start + sample_batch_size], truths[start:start + sample_batch_size]
+        prompt = rollout.build_inputs(tokenizer, image_processor, batch, prompt_suffix, model.device)
+        out = rollout.sample(model, tokenizer, prompt, samples, max_new_tokens, temperature, 1.0, generator)
+        _, hidden = rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask,
+                                                         samples)
+        emb = centroid.answer_embeddings(hidden, out.completion_mask)  # [B*N, D]
+        single += [question_score(t, batch_truths[i // samples], batch[i // samples]["answer_type"])
+                   for i, t in enumerate(out.texts)]
+        for kind, reward_kind in (("majority", "exact"), ("fpl", "hsr")):  # TTRL, Med-Evo
+            labels = centroid.pseudo_labels(kind, emb, out.texts, samples)
+            rewards = reward.compute_rewards(out.texts, samples, labels, centroid.cosine_to_pseudo_label(
+                emb, samples, labels), kind=reward_kind)
+            label_texts = centroid.label_texts(out.texts, samples, labels)
+            found[kind]["labels"] += label_texts
+            found[kind]["contested"] += monitor.contested_groups(rewards, samples).tolist()
+            found[kind]["agree"] += monitor.reward_agreement(out.texts, samples, label_texts, batch_truths)
+    numbers = {"n_questions": len(records), "samples": samples, "temperature": temperature,
+               "greedy": score_predictions(records, greedy)["overall"], "single_sample": sum(single) / len(single),
+               "image_sensitivity": monitor.image_sensitivity(greedy, grey)}
+    for kind, f in found.items():
+        label_right = list(right_by_qid(records, f["labels"]).values())
+        contested = [i for i, c in enumerate(f["contested"]) if c]
+
+        def share(flags):
+            return sum(flags[i] for i in contested) / len(contested) if contested else None
+
+        numbers[kind] = {"score": score_predictions(records, f["labels"])["overall"],
+                         "contested_questions": len(contested), "contested_share": len(contested) / len(records),
+                         "contested_label_right": share(label_right), "contested_greedy_right": share(greedy_right),
+                         "reward_accuracy": sum(f["agree"]) / len(f["agree"])}
+    return numbers
+
+
 def percent_scores(scores):
     """{"overall", "open_recall", "closed_acc"} of score_predictions() output, in percent (2 decimals)."""
     return {key: None if scores[key] is None else round(100 * scores[key], 2)
@@ -264,38 +332,69 @@ def report_base_model(model_dir, data_root, samples=8, seed=0, splits=("validate
     return report
 
 
-def main():
+def main(argv=None):
+    modeling.disable_cudnn_attention()  # on CUDA: cuDNN SDPA's backward gives NaN gradients with our masks
     parser = argparse.ArgumentParser(
-        description="Greedy answers on a split, scored with open recall and closed accuracy.")
+        description="Greedy answers on a split, scored with open recall and closed accuracy; with --premise, "
+                    "the premise check: will label-free adaptation help this model? (README)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
     parser.add_argument("--data-root", default=None,
                         help="dataset folder (default for synthetic: artifacts/synthetic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--lang", default="en", help="SLAKE language subset: en or all")
     parser.add_argument("--model", default=str(TINY_BASE_DIR),
-                        help="hub name or folder (default: the offline tiny base model, built by python tiny.py)")
+                        help="hub name or folder (default: the shipped offline tiny base model, warm-start seed 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--prompt-suffix", default=rollout.DEFAULT_PROMPT_SUFFIX)
     parser.add_argument("--out", default=None, help="predictions JSONL (default: predictions_<dataset>_<split>.jsonl)")
-    args = parser.parse_args()
+    parser.add_argument("--premise", action="store_true",
+                        help="the premise check on a labelled split: will label-free adaptation help this model? "
+                             "(writes --out as JSON, default premise_<dataset>_<split>.json)")
+    parser.add_argument("--samples", type=int, default=8, help="--premise: answers sampled per question (N)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--premise: sampling temperature")
+    parser.add_argument("--sample-batch-size", type=int, default=8, help="--premise: questions per sampling batch")
+    parser.add_argument("--seed", type=int, default=0, help="--premise: sampling seed")
+    modeling.add_pixel_flags(parser)
+    args = parser.parse_args(argv)
+    modeling.check_pixel_flags(args.max_pixels, args.min_pixels)
     if args.dataset != "synthetic" and args.data_root is None:
         raise SystemExit(f"--dataset {args.dataset} needs --data-root")
-    for flag, value in [("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)]:
-        if value < 1:
-            raise SystemExit(f"{flag} {value}: must be an integer >= 1")
+    for flag, value, least in [("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--samples", args.samples, 2), ("--sample-batch-size", args.sample_batch_size, 1)]:
+        if value < least:
+            raise SystemExit(f"{flag} {value}: must be an integer >= {least}")
+    if not args.temperature > 0:
+        raise SystemExit(f"--temperature {args.temperature}: must be > 0 (the premise check samples)")
     try:
         records = data.load_split(args.dataset, args.data_root or SYNTHETIC_DIR, args.split, lang=args.lang)
         data.check_images_open(records, f"{args.dataset}/{args.split}")  # before the model loads
     except (OSError, ValueError) as err:
         raise SystemExit(str(err)) from err
     model, tokenizer, image_processor = modeling.load(args.model)
+    print(modeling.apply_pixel_flags(image_processor, args.max_pixels, args.min_pixels, records))
+    if args.premise:
+        return run_premise(args, model, tokenizer, image_processor, records)
     preds = predict(model, tokenizer, image_processor, records, args.batch_size, args.prompt_suffix,
                     args.max_new_tokens)
     print(format_table(score_predictions(records, preds)))
     out = args.out or f"predictions_{args.dataset}_{args.split}.jsonl"
     write_predictions(out, records, preds)
     print(f"wrote {out}")
+
+
+def run_premise(args, model, tokenizer, image_processor, records):
+    """evaluate.py --premise: the numbers as a table and a JSON, then the plain verdict."""
+    if any(r["answer"] is None for r in records):
+        raise SystemExit(f"--premise needs a labelled split: {args.dataset}/{args.split} has unlabelled questions")
+    numbers = premise_check(model, tokenizer, image_processor, records, args.samples, args.temperature,
+                            args.batch_size, args.sample_batch_size, args.prompt_suffix, args.max_new_tokens, args.seed)
+    numbers["verdict"] = monitor.premise_verdict(numbers)
+    numbers.update(model=str(args.model), dataset=args.dataset, split=args.split)
+    out = Path(args.out or f"premise_{args.dataset}_{args.split}.json")
+    out.write_text(json.dumps(numbers, indent=1))
+    print(monitor.format_premise(numbers) + "\n\n" + numbers["verdict"] + f"\n\nwrote {out}")
+    return numbers
 
 
 if __name__ == "__main__":

@@ -10,34 +10,53 @@ is sharded with FSDP2 (`fully_shard`), s = 1 when every rank holds a full replic
   master_weights   4 B x n / s    fp32 master weights (AdamW updates these, in every --dtype)
   gradients        4 B x t / s    fp32 gradients (FSDP2 reduces them in fp32: reduce_dtype=float32)
   adamw_state      8 B x t / s    exp_avg + exp_avg_sq, fp32
+                   with --offload these three live in host memory (FSDP2 CPUOffloadPolicy): 0 on the GPU
   compute_copy     the full parameters gathered for the rollout: sampling gathers every layer once
                    for the whole rollout (unshard before, reshard after), so at that moment each
                    rank holds all of them in the compute dtype:
                      bfloat16: 2 B x n
                      float32:  4 B x n when sharded (the gathered fp32 copy),
                                0 when not sharded (the masters are the compute weights)
-  reference        the frozen reference model, whole on each rank, in the compute dtype:
-                   2 B x n for bfloat16, 4 B x n for float32; 0 without a reference (--kl-coef 0)
-  total            the sum
+  reference        the frozen reference model in the compute dtype, sharded like the policy:
+                   2 B x n / s for bfloat16, 4 B x n / s for float32; 0 without a reference (--kl-coef 0)
+  activations      an estimate for the longest prompt (L tokens, its image at the --max-pixels cap), the
+                   largest of three moments that never overlap (`activation_plan`):
+                     teacher-forced pass with gradients, R = questions per rank x G rows of S = L + T tokens:
+                       gradient checkpointing: every decoder layer's input (R S D) plus one layer recomputed
+                       (R S a, a = 9 D + 4 kv + 4 I elements per token: the two RMSNorms, q k v and the
+                       rotated q k, attention output, MLP gate / up / product); the vision tower alike per
+                       question (4 patches per image token); without checkpointing every layer's R S a;
+                       plus the final norm's fp32 input and the fp32 answer logits and their gradient (R T V);
+                     rollout: the KV cache of questions x N label samples rows (2 kv per layer per token);
+                     evaluation: the KV cache of --eval-batch-size rows.
+  total            the sum of the above (GPU)
+
+Host memory per node (`host_plan`): rank 0 reads one full fp32 copy while loading (4 B x n; the other
+ranks receive their shards, parallel.load_sharded), plus, with --offload, each local rank's offloaded
+masters, gradients and AdamW state. Process overhead (Python, CUDA context, pinned staging) is not in it.
 
 Outside training's rollout the compute copy is smaller (FSDP2 gathers one block at a time in the
 forward and backward passes), so `compute_copy` is the rollout's peak. NOT included, and said so
-wherever the plan is printed: activations (and their gradient-checkpointing recomputation), the
-rollout's KV cache, the logits, the CUDA context, NCCL buffers and allocator fragmentation. Hence a
-run "fits" only if the total leaves a stated headroom for them: by default 20% of the GPU's memory
-(16 GB of an 80 GB card). The headroom is our rule of thumb, not a measurement.
+wherever the plan is printed: the CUDA context, NCCL buffers, allocator fragmentation, and whatever
+the activation estimate misses. Hence a run "fits" only if the total leaves a stated headroom for them:
+by default 10% of the GPU's memory (8 GB of an 80 GB card). The headroom and the activation estimate
+are ours, not measurements (no GPU has run this code yet).
 
 Units: GB = 1e9 bytes, GiB = 2**30 bytes. An "80 GB" H100 holds about 85.5e9 bytes, so comparing
 against 80e9 errs on the safe side.
 
-    python memory.py                                 # the README table: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
+    python memory.py                                 # the README tables: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
+    python memory.py --image-pixels 4194304          # every image at the default --max-pixels cap
     python memory.py --gpu-memory-gb 141 --sizes 7B --world-sizes 1 2 --freeze-vision
 """
 
 import argparse
+import math
+import os
 
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 # ----------------------------------------------------------------------------------------------
 # The real Qwen2.5-VL configurations (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct, written out)
@@ -59,10 +78,13 @@ VISION_DEPTH = 32
 FULL_ATTENTION_BLOCKS = [7, 15, 23, 31]  # the vision blocks with full attention; the others use 112-pixel windows
 
 BYTES = {"float32": 4, "bfloat16": 2}
-PLAN_KEYS = ["master_weights", "gradients", "adamw_state", "compute_copy", "reference"]
+STATE_KEYS = ["master_weights", "gradients", "adamw_state"]
+PLAN_KEYS = [*STATE_KEYS, "compute_copy", "reference", "activations"]
 LABELS = {"master_weights": "master weights", "gradients": "gradients", "adamw_state": "AdamW state",
-          "compute_copy": "compute copy", "reference": "reference model"}
-NOT_INCLUDED = "activations, KV cache and allocator overhead not included"
+          "compute_copy": "compute copy", "reference": "reference model", "activations": "activations (estimate)"}
+NOT_INCLUDED = "CUDA context, NCCL buffers and allocator overhead not included"
+PATCHES_PER_TOKEN = 4  # 2 x 2 patches of 14 pixels merge into one token
+TEXT_TOKENS = 64  # the chat template, a question and the answer instruction (the README tables)
 
 
 def qwen25_vl_config(size, layers=0, token_ids=None):
@@ -134,37 +156,110 @@ def count_parameters(model):
             "trainable": sum(p.numel() for p in distinct if p.requires_grad)}
 
 
-def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference):
-    """Per-rank bytes of the run (the accounting of the module docstring), keys PLAN_KEYS + "total"."""
+def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference, offload=False, activations=0):
+    """Per-rank GPU bytes of the run (the accounting of the module docstring), keys PLAN_KEYS + "total", and
+    "host_offload": the bytes this rank keeps in host memory with --offload (0 without)."""
     if dtype not in BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(BYTES)}")
+    if offload and not sharded:
+        raise ValueError("offload is FSDP2's: it needs sharded=True")
     shards = world_size if sharded else 1
     if dtype == "bfloat16":
         compute_copy = 2 * n_params
     else:
         compute_copy = 4 * n_params if sharded else 0
+    states = {"master_weights": 4 * n_params / shards, "gradients": 4 * n_trainable / shards,
+              "adamw_state": 8 * n_trainable / shards}
     plan = {
-        "master_weights": 4 * n_params / shards,
-        "gradients": 4 * n_trainable / shards,
-        "adamw_state": 8 * n_trainable / shards,
+        **({key: 0 for key in states} if offload else states),
         "compute_copy": compute_copy,
-        "reference": BYTES[dtype] * n_params if reference else 0,
+        "reference": BYTES[dtype] * n_params / shards if reference else 0,
+        "activations": activations,
     }
     plan["total"] = sum(plan.values())
+    plan["host_offload"] = sum(states.values()) if offload else 0
     return plan
 
 
-def format_plan(plan, world_size, gib=True, dtype=None, sharded=None):
-    """The plan as rank 0 prints it at start-up; dtype and sharded, when given, go in the header."""
+def model_dims(config):
+    """The sizes the activation estimate needs, from a Qwen2.5-VL configuration."""
+    text, vision = config.text_config, config.vision_config
+    return {"hidden": text.hidden_size, "layers": text.num_hidden_layers, "intermediate": text.intermediate_size,
+            "kv": text.num_key_value_heads * (text.hidden_size // text.num_attention_heads),
+            "vocab": text.vocab_size, "vision_hidden": vision.hidden_size, "vision_depth": vision.depth,
+            "vision_intermediate": vision.intermediate_size}
+
+
+def activation_plan(dims, prompt_tokens, image_tokens, questions, group_size, label_samples, new_tokens,
+                    eval_batch, checkpointing, dtype="bfloat16"):
+    """Activation bytes of one rank at the three moments of a step (module docstring), and their peak.
+
+    prompt_tokens: the longest prompt (image tokens included); image_tokens: its image's tokens;
+    questions: questions per rank per step; the rest as train.py's flags.
+    """
+    b, d = BYTES[dtype], dims
+    rows, seq = questions * group_size, prompt_tokens + new_tokens
+    layer = 9 * d["hidden"] + 4 * d["kv"] + 4 * d["intermediate"]  # elements saved per token by one layer
+    vision_layer = 13 * d["vision_hidden"] + 4 * d["vision_intermediate"]  # no grouped kv in the vision tower
+    patches = questions * PATCHES_PER_TOKEN * image_tokens
+    if checkpointing:
+        text = rows * seq * b * (d["layers"] * d["hidden"] + layer)
+        vision = patches * b * (d["vision_depth"] * d["vision_hidden"] + vision_layer)
+    else:
+        text = rows * seq * b * d["layers"] * layer
+        vision = patches * b * d["vision_depth"] * vision_layer
+    head = rows * seq * d["hidden"] * 4 + 2 * rows * new_tokens * d["vocab"] * 4  # final norm fp32, logits + grad
+    kv_per_row = seq * d["layers"] * 2 * d["kv"] * b
+    plan = {"teacher_forced": text + vision + head, "rollout": questions * label_samples * kv_per_row,
+            "evaluation": eval_batch * kv_per_row}
+    plan["peak"] = max(plan.values())
+    return plan
+
+
+def host_plan(n_params, plan, ranks_per_node):
+    """Host bytes on the busiest node: rank 0's fp32 copy while loading, plus every local rank's offload."""
+    return 4 * n_params + ranks_per_node * plan["host_offload"]
+
+
+def image_tokens_at(pixels):
+    """Tokens of a square image of `pixels` pixels after Qwen2.5-VL's resizing with that cap (28-pixel tokens)."""
+    side = math.isqrt(pixels)
+    height, width = smart_resize(side, side, factor=28, min_pixels=56 * 56, max_pixels=pixels)
+    return (height // 28) * (width // 28)
+
+
+def run_plan(model, args, world_size, sharded, reference, prompt_tokens, image_tokens):
+    """The start-up plan of a train.py run (its flags in `args`) for its longest prompt, as printed text."""
+    acts = activation_plan(model_dims(model.config), prompt_tokens, image_tokens, args.questions_per_step // world_size,
+                           args.group_size, args.label_samples, args.max_new_tokens, args.eval_batch_size,
+                           args.gradient_checkpointing, args.dtype)
+    counts = count_parameters(model)
+    plan = memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded, reference, args.offload,
+                       acts["peak"])
+    host = host_plan(counts["total"], plan, min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    return format_plan(plan, world_size, dtype=args.dtype, sharded=sharded, host=host) + (
+        f"\n  activations for the longest prompt ({prompt_tokens} tokens, {image_tokens} of them image): "
+        + ", ".join(f"{key.replace('_', '-')} {acts[key] / 2**30:.2f} GiB" for key in ("teacher_forced", "rollout",
+                                                                                      "evaluation")))
+
+
+def format_plan(plan, world_size, gib=True, dtype=None, sharded=None, host=None):
+    """The plan as rank 0 prints it at start-up; dtype, sharded and host bytes per node, when given, too."""
     unit, scale = ("GiB", 2**30) if gib else ("GB", 1e9)
     setup = [f"{world_size} process" + ("es" if world_size != 1 else "")]
     if dtype is not None:
         setup.append(dtype)
     if sharded is not None:
         setup.append("FSDP2" if sharded else "full replica")
+    if plan["host_offload"]:
+        setup.append("offload")
     parts = [f"{LABELS[key]} {plan[key] / scale:.1f} {unit}" for key in PLAN_KEYS]
-    return (f"memory per rank ({', '.join(setup)}): " + ", ".join(parts[:3]) + ",\n  " + ", ".join(parts[3:])
-            + f", total {plan['total'] / scale:.1f} {unit}; {NOT_INCLUDED}")
+    text = (f"memory per rank ({', '.join(setup)}): " + ", ".join(parts[:3]) + ",\n  " + ", ".join(parts[3:])
+            + f", total {plan['total'] / scale:.1f} {unit} on the GPU; {NOT_INCLUDED}")
+    if host is not None:
+        text += f"\n  host memory per node: {host / scale:.1f} {unit} (rank 0's full fp32 copy while loading"
+        text += f", plus {plan['host_offload'] / scale:.1f} {unit} offloaded per rank)" if plan["host_offload"] else ")"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,21 +269,37 @@ def format_plan(plan, world_size, gib=True, dtype=None, sharded=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Per-rank memory plan of Med-Evo runs on Qwen2.5-VL (no download).")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
-    p.add_argument("--headroom", type=float, default=0.2,
-                   help="share of the GPU's memory kept for activations, KV cache and allocator (default 0.2)")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="share of the GPU's memory kept for the CUDA context, NCCL and the allocator (default 0.1)")
     p.add_argument("--sizes", nargs="+", default=["3B", "7B"], choices=sorted(TEXT_CONFIGS))
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="GPUs (processes) per run")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="for the host memory per node")
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only (as train.py's flag)")
+    p.add_argument("--image-pixels", type=int, default=512 * 512,
+                   help="pixels of the longest prompt's image (default 512 x 512, SLAKE's size)")
+    p.add_argument("--questions-per-step", type=int, default=8, help="as train.py's flag (over all ranks)")
+    p.add_argument("--group-size", type=int, default=8, help="as train.py's flag")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="as train.py's flag")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="as train.py's flag")
     return p.parse_args(argv)
 
 
+def run_activations(dims, args, world_size):
+    """activation_plan for the table's run: a square image of --image-pixels, TEXT_TOKENS of text, checkpointing."""
+    image = image_tokens_at(args.image_pixels)
+    questions = max(1, args.questions_per_step // world_size)
+    return activation_plan(dims, image + TEXT_TOKENS, image, questions, args.group_size, args.group_size,
+                           args.max_new_tokens, args.eval_batch_size, checkpointing=True)
+
+
 def table(args):
-    """Markdown: bf16 recipe, reference model on; one GPU runs unsharded (a full replica), more run FSDP2."""
+    """Markdown: bf16 recipe, reference model on, gradient checkpointing; one GPU runs unsharded (a full replica)
+    unless offloaded, more run FSDP2; with and without --offload."""
     budget = args.gpu_memory_gb * (1 - args.headroom)
     lines = [
-        "| model | GPUs | sharding | master fp32 | grads fp32 | AdamW fp32 | bf16 compute | bf16 reference "
-        f"| total per rank | left of {args.gpu_memory_gb:g} GB | fits (total <= {budget:g} GB)? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | GPUs | setup | master + grads + AdamW fp32 | bf16 compute | bf16 reference | activations "
+        f"| total per GPU | fits (<= {budget:g} GB)? | host per node |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     counts = {}
     for size in args.sizes:
@@ -196,21 +307,32 @@ def table(args):
         if args.freeze_vision:
             model.model.visual.requires_grad_(False)
         counts[size] = count_parameters(model)
+        dims = model_dims(model.config)
         for world_size in args.world_sizes:
-            sharded = world_size > 1
-            plan = memory_plan(counts[size]["total"], counts[size]["trainable"], world_size, "bfloat16",
-                               sharded, reference=True)
-            cells = [f"{plan[key] / 1e9:.1f}" for key in PLAN_KEYS]
-            total = plan["total"] / 1e9
-            cells += [f"**{total:.1f} GB** ({plan['total'] / 2**30:.1f} GiB)", f"{args.gpu_memory_gb - total:.1f}",
-                      "fits" if total <= budget else "does not fit"]
-            lines.append(f"| Qwen2.5-VL-{size} | {world_size} | {'FSDP2' if sharded else 'none'} | "
-                         + " | ".join(cells) + " |")
+            for offload in (False, True):
+                sharded = world_size > 1 or offload
+                acts = run_activations(dims, args, world_size)
+                plan = memory_plan(counts[size]["total"], counts[size]["trainable"], world_size, "bfloat16",
+                                   sharded, reference=True, offload=offload, activations=acts["peak"])
+                host = host_plan(counts[size]["total"], plan, min(world_size, args.gpus_per_node))
+                states = sum(plan[key] for key in STATE_KEYS)
+                setup = ("FSDP2" if sharded else "one replica") + (" + offload" if offload else "")
+                total = plan["total"] / 1e9
+                cells = [f"{states / 1e9:.1f}" if not offload else f"0 (host {plan['host_offload'] / 1e9:.1f})",
+                         f"{plan['compute_copy'] / 1e9:.1f}", f"{plan['reference'] / 1e9:.1f}",
+                         f"{plan['activations'] / 1e9:.1f}", f"**{total:.1f} GB**",
+                         "fits" if total <= budget else "does not fit", f"{host / 1e9:.0f} GB"]
+                lines.append(f"| Qwen2.5-VL-{size} | {world_size} | {setup} | " + " | ".join(cells) + " |")
     params = "; ".join(f"Qwen2.5-VL-{size}: {c['total']:,} parameters, {c['trainable']:,} trainable"
                        for size, c in counts.items())
-    return "\n".join(lines) + (f"\n\nComponents in GB (1e9 bytes) per rank; {NOT_INCLUDED}.\n{params}.\n"
-                               f"Fits = total <= {budget:g} GB: {args.headroom:.0%} of the GPU "
-                               f"({args.gpu_memory_gb * args.headroom:g} GB) is kept for what the plan leaves out.")
+    image = image_tokens_at(args.image_pixels)
+    return "\n".join(lines) + (
+        f"\n\nGB (1e9 bytes) per GPU. Activations: estimate for a {image}-token image ({args.image_pixels:,} pixels) "
+        f"+ {TEXT_TOKENS} text tokens, {args.questions_per_step} questions per step over the GPUs, G = {args.group_size}, "
+        f"{args.max_new_tokens} new tokens, evaluation batch {args.eval_batch_size}, gradient checkpointing.\n{params}.\n"
+        f"Fits = total <= {budget:g} GB: {args.headroom:.0%} of the GPU ({args.gpu_memory_gb * args.headroom:g} GB) "
+        f"is kept for the {NOT_INCLUDED.replace(' not included', '')}. Host per node: rank 0's fp32 copy while "
+        f"loading plus the offloaded states of {args.gpus_per_node} GPUs per node at most.")
 
 
 def main(argv=None):

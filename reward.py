@@ -20,9 +20,11 @@ Negative cosines give no credit; the cosine is also capped at 1 so round-off can
 never lift a soft score to soft_weight or beyond.
 
 compute_rewards() scores a whole batch of groups and also offers the ablation
-rewards: "exact" (hard tier only), "f1" (token F1 only) and "oracle" (exact match
+rewards: "exact" (hard tier only), "f1" (token F1 only), "oracle" (exact match
 against the ground truth: the supervised upper bound, for ablation tables only;
-it uses labels Med-Evo never sees).
+it uses labels Med-Evo never sees) and "noisy-oracle" (HSR against a label of
+known accuracy p, centroid.noisy_oracle_labels: where does a pseudo label of
+accuracy p break even with the base model?).
 
 The text metrics are written by hand (no external metric library) following the
 SQuAD v1.1 evaluation script: lowercase, strip punctuation, drop a/an/the,
@@ -37,7 +39,7 @@ import torch
 
 DEFAULT_SOFT_WEIGHT = 0.5
 DEFAULT_F1_WEIGHT = 0.5
-REWARD_KINDS = ("hsr", "exact", "f1", "oracle")
+REWARD_KINDS = ("hsr", "exact", "f1", "oracle", "noisy-oracle")
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -105,8 +107,9 @@ def compute_rewards(texts, group_size, labels, cos, kind="hsr", refs=None,
     texts:  N = B * group_size decoded answers, group g at texts[g*G:(g+1)*G]
     labels: B pseudo-label indices within their group (FPL or majority vote)
     cos:    N cosines of each answer to its group's pseudo label (needed for "hsr" only)
-    kind:   "hsr" | "exact" | "f1" vs the pseudo label, or "oracle" = exact match vs refs
-    refs:   B ground-truth answers, one per group ("oracle" only)
+    kind:   "hsr" | "exact" | "f1" vs the pseudo label, "oracle" = exact match vs refs, or
+            "noisy-oracle" = HSR vs refs (cos then holds each answer's cosine to its refs label)
+    refs:   B target texts, one per group: the ground truth ("oracle") or the noisy label ("noisy-oracle")
     """
     if kind not in REWARD_KINDS:
         raise ValueError(f"compute_rewards: unknown reward kind {kind!r}, expected one of {REWARD_KINDS}")
@@ -119,14 +122,14 @@ def compute_rewards(texts, group_size, labels, cos, kind="hsr", refs=None,
         raise ValueError(f"compute_rewards: {len(labels)} labels for {n_groups} groups")
     if any(not 0 <= i < group_size for i in labels):
         raise ValueError(f"compute_rewards: pseudo-label index out of range [0, {group_size}): {labels}")
-    if kind == "hsr":
+    if kind in ("hsr", "noisy-oracle"):
         if cos is None or len(cos) != n:
             raise ValueError(f"compute_rewards: kind='hsr' needs {n} cosines, got {None if cos is None else len(cos)}")
         check_hsr_weights(soft_weight, f1_weight)
-    if kind == "oracle":
+    if kind in ("oracle", "noisy-oracle"):
         if refs is None or len(refs) != n_groups or any(r is None for r in refs):
-            raise ValueError("compute_rewards: kind='oracle' needs one ground-truth answer per group in refs "
-                             f"(got {refs!r}); unlabeled data cannot use the oracle reward")
+            raise ValueError(f"compute_rewards: kind={kind!r} needs one ground-truth answer per group in refs "
+                             f"(got {refs!r}); unlabeled data cannot use an oracle reward")
 
     labels = [int(i) for i in labels]  # one device sync for the whole batch, not one per answer
     cos = cos.tolist() if torch.is_tensor(cos) else cos
@@ -140,6 +143,8 @@ def compute_rewards(texts, group_size, labels, cos, kind="hsr", refs=None,
             rewards.append(exact_match(text, pseudo))
         elif kind == "f1":
             rewards.append(token_f1(text, pseudo))
-        else:  # oracle
+        elif kind == "oracle":
             rewards.append(exact_match(text, refs[g]))
+        else:  # noisy-oracle
+            rewards.append(hsr(text, refs[g], float(cos[i]), soft_weight, f1_weight))
     return torch.tensor(rewards, dtype=torch.float32)

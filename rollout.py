@@ -11,7 +11,8 @@ Three pieces, top to bottom:
                        cache to G rows, then decode token by token with temperature / top-p and a
                        per-row EOS stop. temperature=0 is greedy and equals `model.generate`.
   3. `completion_logits_and_hidden` - one teacher-forced pass over prompt + answers, giving the
-                       logits that GRPO needs and the last-layer hidden states FPL needs.
+                       logits that GRPO needs (in fp32: `answer_logits`) and the last-layer hidden
+                       states FPL needs. Under FSDP it runs as one registered forward (parallel.as_forward).
 
 Qwen2.5-VL uses 3-D rotary positions (temporal, height, width): text tokens advance all three
 together, the image tokens of a grid share a start and spread over height and width. So after the
@@ -98,14 +99,22 @@ def next_tokens(logits, temperature, top_p, generator):
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs[mass_before >= top_p] = 0.0  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p (masked_fill: no host sync, unlike boolean indexing)
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt, group_size=1, max_new_tokens=16, temperature=1.0, top_p=1.0, generator=None):
-    """G answers per prompt row: prefill once, share the KV cache across the group, decode."""
+def sample(model, tokenizer, prompt, group_size=1, max_new_tokens=16, temperature=1.0, top_p=1.0, generator=None,
+           lagged_stop=None):
+    """G answers per prompt row: prefill once, share the KV cache across the group, decode.
+
+    The loop stops once every row has emitted EOS. Reading that from a GPU waits for the GPU, once per
+    token; with lagged_stop (the default on CUDA) the flag is copied to the host without waiting and read
+    one token later, before the next token is drawn: one decode step may run in vain, but the tokens and
+    the generator's state are those of the immediate check (the default on CPU, where reading is free).
+    """
     B, L = prompt["input_ids"].shape
     N = B * group_size
     positions, next_position = prompt_positions(model, prompt)
@@ -127,12 +136,20 @@ def sample(model, tokenizer, prompt, group_size=1, max_new_tokens=16, temperatur
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
     pad = tokenizer.pad_token_id
     tokens, finished = [], torch.zeros(N, dtype=torch.bool, device=logits.device)
+    lagged_stop = logits.device.type == "cuda" if lagged_stop is None else lagged_stop
+    all_finished = None  # lagged: every row's EOS as of the previous token, on its way to the host
     for step in range(max_new_tokens):
+        if all_finished is not None and all_finished.read():
+            break  # the previous token ended every row: the immediate check would have stopped there
         token = next_tokens(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad), token)  # finished rows emit padding
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if finished.all() or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1:
+            break
+        if lagged_stop:
+            all_finished = HostFlag(finished.all())
+        elif finished.all():
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = (next_position + step).view(1, N, 1).expand(3, N, 1)  # text: same index on t, h, w
@@ -150,6 +167,24 @@ def sample(model, tokenizer, prompt, group_size=1, max_new_tokens=16, temperatur
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(completion_ids, completion_mask, [t.strip() for t in texts])
+
+
+class HostFlag:
+    """A 0-dim bool tensor copied to the host without waiting for the device; read() waits for the copy only."""
+
+    def __init__(self, flag):
+        if flag.device.type != "cuda":
+            self.flag, self.copied = flag, None
+            return
+        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.flag.copy_(flag, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def read(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return bool(self.flag)
 
 
 def completion_mask_from_ids(completion_ids, eos):
@@ -201,5 +236,17 @@ def completion_logits_and_hidden(model, prompt, completion_ids, completion_mask,
     hidden = model.model.language_model(
         inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, L+T, D]
-    logits = model.lm_head(hidden[:, L - 1 : L + T - 1])  # position i predicts answer token i
-    return logits, hidden[:, L:]
+    return answer_logits(model, hidden[:, L - 1 : L + T - 1]), hidden[:, L:]  # position i predicts answer token i
+
+
+def answer_logits(model, hidden):
+    """lm_head on hidden [N, T, D] -> logits [N, T, V] in fp32, whatever the compute dtype.
+
+    bf16 logits are rounded in steps of 0.125 around 16-32, which moves a token's log-prob by up to ~0.06
+    and gives the k3 KL a noise floor; with T <= 16 answer positions the fp32 logits are small. The weight
+    is the one the pass computes with (bf16 when gathered by FSDP, the fp32 master under autocast).
+    """
+    head = model.lm_head
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), None if head.bias is None else
+                                          head.bias.float())

@@ -10,14 +10,15 @@ The whole method, one step at a time (arXiv 2603.07443):
   5. GRPO      - group-normalised advantages, clipped ratio, k3 KL to the frozen reference (grpo.py)
 
 With --label-samples N > G the pseudo label is chosen from N samples and GRPO trains on G of them.
-Nothing here reads a label, so nothing shows accuracy falling; the collapse monitor (consensus per
-step, the top CLOSED answer's share and the answers' entropy per evaluation, --stop-on-collapse) is
-what a user adapting on truly unlabeled data can watch.
+Nothing here reads a label, so nothing shows accuracy falling; the collapse monitor (monitor.py:
+consensus per step; per evaluation the top CLOSED answer's share, the answers' entropy and the image
+sensitivity; --stop-on-collapse) is what a user adapting on truly unlabeled data can watch.
 
 By default the split adapted to is the *test* split, as in the paper: adapt on the unlabeled test
 questions, then score the same questions. Ground-truth answers are never read for training: they
-are read only by evaluation and by logged diagnostics (the pseudo-label hit rate), and by the
-`--reward oracle` ablation, which is the supervised upper bound and says so.
+are read only by evaluation and by logged diagnostics (the pseudo-label hit rate and the label
+quality where the gradient flows, monitor.py), and by the `--reward oracle` / `noisy-oracle`
+ablations, which say so.
 
     torchrun --nproc_per_node 1 train.py --dataset synthetic                       # offline, CPU
     torchrun --nproc_per_node 8 train.py --dataset slake --model Qwen/Qwen2.5-VL-7B-Instruct
@@ -52,6 +53,7 @@ import evaluate
 import grpo
 import memory
 import model as modeling
+import monitor
 import parallel
 import reward
 import rollout
@@ -80,8 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="the unlabeled split adapted to and scored (default: test, as "
                                                    "in the paper)")
     p.add_argument("--lang", default="en", help="SLAKE language subset: en (usual protocol), zh or all")
-    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the offline tiny base model "
-                                                   "(built on first use)")
+    p.add_argument("--model", default="tiny", help="hub name or folder; 'tiny' = the shipped offline tiny base model "
+                                                   "(models/tiny-base-seedS, hash-checked)")
+    p.add_argument("--tiny-seed", type=int, default=None, choices=tiny.SHIPPED_SEEDS,
+                   help="with --model tiny: the warm-start seed S of the shipped base model (default 0)")
     p.add_argument("--out-dir", default="runs/medevo", help="metrics.jsonl, predictions and checkpoints go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="start clean in a non-empty --out-dir (deletes it)")
@@ -90,7 +94,11 @@ def parse_args(argv=None):
                    help="FPL (Med-Evo) or majority vote (TTRL)")
     p.add_argument("--reward", default="hsr", choices=reward.REWARD_KINDS,
                    help="hsr (Med-Evo), exact match or token F1 vs the pseudo label; oracle = exact match vs ground "
-                        "truth (upper bound, ablation only)")
+                        "truth (upper bound, ablation only); noisy-oracle = HSR vs a label right with probability "
+                        "--label-accuracy (ablation only: the break-even label accuracy)")
+    p.add_argument("--label-accuracy", type=float, default=1.0,
+                   help="noisy-oracle: probability that a question's label is the truth (else the group's most "
+                        "frequent wrong answer)")
     p.add_argument("--soft-weight", type=float, default=reward.DEFAULT_SOFT_WEIGHT,
                    help="HSR: weight of the soft tier (< 1)")
     p.add_argument("--f1-weight", type=float, default=reward.DEFAULT_F1_WEIGHT,
@@ -136,6 +144,11 @@ def parse_args(argv=None):
                    help="collapse: the most frequent answer covers at least this share of the CLOSED questions")
     p.add_argument("--collapse-entropy-ratio", type=float, default=0.5,
                    help="collapse: the answers' entropy falls below this fraction of its value before training")
+    p.add_argument("--collapse-image-ratio", type=float, default=0.0,
+                   help="collapse: the image sensitivity falls below this fraction of its value before training "
+                        "(0 = not a rule)")
+    p.add_argument("--image-sensitivity", action=argparse.BooleanOptionalAction, default=True,
+                   help="at every evaluation, answer again with grey images and log the share of answers that change")
     p.add_argument("--dtype", default="auto", choices=["auto", *parallel.DTYPES],
                    help="compute dtype; master weights and AdamW state are always fp32 (auto: bfloat16 on CUDA, "
                         "float32 on CPU)")
@@ -145,6 +158,14 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off for CPU)")
     p.add_argument("--freeze-vision", action="store_true", help="train only the language model, not the vision tower")
+    p.add_argument("--offload", action="store_true",
+                   help="keep fp32 masters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy; implies "
+                        "FSDP, so run under torchrun, --nproc_per_node 1 too)")
+    p.add_argument("--max-skipped-steps", type=int, default=3,
+                   help="stop after this many optimizer steps in a row skipped for a non-finite gradient")
+    p.add_argument("--dist-timeout-minutes", type=float, default=parallel.DEFAULT_TIMEOUT_MINUTES,
+                   help="how long a rank waits in a collective, e.g. while rank 0 writes the checkpoint (33 GB for 7B)")
+    modeling.add_pixel_flags(p)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.lr = args.lr if args.lr is not None else 1e-4 if args.model == "tiny" else 1e-6
@@ -176,6 +197,10 @@ RANGES = [  # (flag, test, what it must be)
     ("save_every", lambda v: v >= 1, "an integer >= 1"),
     ("collapse_closed_share", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("collapse_entropy_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("collapse_image_ratio", lambda v: 0 <= v < 1, "in [0, 1) (0 = not a rule)"),
+    ("label_accuracy", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("max_skipped_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("dist_timeout_minutes", lambda v: v > 0, "> 0"),
 ]
 
 
@@ -190,6 +215,8 @@ def check_args(args, world_size, distributed):
                          f"pseudo label is chosen from N samples, G of which are trained on")
     if args.stop_on_collapse and not args.eval_every:
         raise SystemExit("--stop-on-collapse reads the evaluations: give --eval-every N as well")
+    if args.collapse_image_ratio > 0 and not args.image_sensitivity:
+        raise SystemExit("--collapse-image-ratio reads the image sensitivity: drop --no-image-sensitivity")
     if args.questions_per_step % world_size:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the number of "
                          f"processes ({world_size})")
@@ -197,6 +224,9 @@ def check_args(args, world_size, distributed):
         raise SystemExit(f"--fsdp off: {world_size} processes need FSDP2 to share the gradients (use --fsdp auto)")
     if args.fsdp == "on" and not distributed:
         raise SystemExit("--fsdp on needs a process group: run under torchrun (--nproc_per_node 1 is fine)")
+    if args.offload and (args.fsdp == "off" or not distributed):
+        raise SystemExit("--offload is FSDP2's offload: run under torchrun (--nproc_per_node 1 is fine), not --fsdp off")
+    modeling.check_pixel_flags(args.max_pixels, args.min_pixels)
     if args.model != "tiny":
         try:
             modeling.check_model_name(args.model)
@@ -260,6 +290,7 @@ class RolloutScores:
     ref_logp: torch.Tensor | None  # [B*G, T] log-probs under the frozen reference (None when --kl-coef 0)
     rewards: torch.Tensor  # [B*G]
     labels: torch.Tensor  # [B] index of each question's pseudo label among its N label samples
+    label_texts: list  # [B] the labels rewarded against (the pseudo labels' texts, or noisy-oracle labels)
     advantages: torch.Tensor  # [B*G]
     consensus: float  # share of the label samples equal to their pseudo label (TTRL's majority ratio)
 
@@ -272,23 +303,24 @@ def clock(device):
 
 
 def rewards_for_rollout(hidden, out, group_size, args, refs=None):
-    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G])."""
+    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G], label texts [N // G])."""
     emb = centroid.answer_embeddings(hidden.detach().float(), out.completion_mask)  # [N, D]
-    if args.pseudo_label == "fpl":
-        labels = centroid.fpl_pseudo_labels(emb, group_size)
+    labels = centroid.pseudo_labels(args.pseudo_label, emb, out.texts, group_size)  # [B]
+    if args.reward == "noisy-oracle":  # refs: labels of known accuracy, which replace the pseudo labels
+        label_texts, cos = refs, centroid.cosine_to_label_texts(emb, out.texts, group_size, refs)
     else:
-        labels = torch.tensor(centroid.majority_vote(out.texts, group_size))
-    cos = centroid.cosine_to_pseudo_label(emb, group_size, labels)  # [N]
+        label_texts = centroid.label_texts(out.texts, group_size, labels)
+        cos = centroid.cosine_to_pseudo_label(emb, group_size, labels)  # [N]
     rewards = reward.compute_rewards(out.texts, group_size, labels, cos, kind=args.reward, refs=refs,
                                      soft_weight=args.soft_weight, f1_weight=args.f1_weight)
-    return rewards, labels
+    return rewards, labels, label_texts
 
 
 def teacher_forced(model, prompt, out, group_size, dtype):
-    """Logits [N, T, V] and hidden states [N, T, D] of the sampled answers, in the compute dtype."""
-    with parallel.compute_precision(model, dtype):
-        return rollout.completion_logits_and_hidden(model, prompt, out.completion_ids, out.completion_mask,
-                                                    group_size)
+    """Logits [N, T, V] (fp32) and hidden states [N, T, D] (compute dtype) of the sampled answers."""
+    with parallel.compute_precision(model, dtype):  # sharded: the whole pass is one registered FSDP forward
+        return parallel.as_forward(model, rollout.completion_logits_and_hidden, prompt, out.completion_ids,
+                                   out.completion_mask, group_size)
 
 
 def label_hidden(policy, prompt, out, hidden, group_size, args):
@@ -313,10 +345,10 @@ def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args
     t0 = clock(logp.device)
     if N > G:  # the no-grad forward over the N - G extra label samples: not part of FPL + HSR's time
         add_time(timings, "label_forward", t0 - t_label)
-    rewards_all, labels = rewards_for_rollout(hidden_all, out, N, args, refs)  # [B*N], [B] indices within N
+    rewards_all, labels, label_texts = rewards_for_rollout(hidden_all, out, N, args, refs)  # [B*N], [B], [B]
     rewards = rewards_all.view(-1, N)[:, :G].reshape(-1)  # [B*G]
     advantages = grpo.group_advantages(rewards.to(logp.device), G, scale=args.adv_scale)
-    consensus = label_consensus(out.texts, N, labels)
+    consensus = label_consensus(out.texts, N, label_texts)
     t1 = clock(logp.device)
     ref_logp = None
     if args.kl_coef > 0:
@@ -326,12 +358,11 @@ def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args
             ref_logp = grpo.token_logprobs(ref_logits, trained.completion_ids)
     add_time(timings, "fpl_hsr", t1 - t0)
     add_time(timings, "reference_forward", clock(logp.device) - t1)
-    return RolloutScores(logp.detach(), ref_logp, rewards, labels, advantages, consensus)
+    return RolloutScores(logp.detach(), ref_logp, rewards, labels, label_texts, advantages, consensus)
 
 
-def label_consensus(texts, group_size, labels):
-    """Mean over groups of the share of answers equal (normalised) to the group's pseudo label."""
-    label_texts = centroid.label_texts(texts, group_size, labels)
+def label_consensus(texts, group_size, label_texts):
+    """Mean over groups of the share of answers equal (normalised) to the group's label."""
     agree = [reward.exact_match(text, label_texts[i // group_size]) for i, text in enumerate(texts)]
     return sum(agree) / len(agree)
 
@@ -374,8 +405,13 @@ def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, tim
     return loss, {k: float(v) for k, v in stats.items()}, scores
 
 
-def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator):
-    """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> backward (FSDP reduces) -> AdamW."""
+def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator,
+               greedy_right=None):
+    """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> backward (FSDP reduces) -> AdamW.
+
+    answers and greedy_right (was the greedy answer right at the last evaluation) feed diagnostics only,
+    and the oracle ablations' rewards; the label-free methods never read them.
+    """
     G, N, dtype = args.group_size, args.label_samples, parallel.DTYPES[args.dtype]
     timings = {}
     t0 = clock(policy.device)
@@ -386,7 +422,8 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
                              generator)  # N >= G answers per question
     timings["rollout"] = clock(policy.device) - t0
     policy.train()
-    refs = answers if args.reward == "oracle" else None  # the supervised upper bound reads labels; Med-Evo never does
+    # the oracle ablations read labels (noisy-oracle: its draws come from this rank's sampler RNG); Med-Evo never does
+    refs = centroid.oracle_targets(args.reward, answers, out.texts, N, args.label_accuracy, generator)
     scores = None
     for update in range(args.updates_per_rollout):
         loss, update_stats, scores = policy_loss(policy, reference, prompt, out, G, args, refs, timings, scores)
@@ -395,32 +432,23 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
         t_backward = clock(policy.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if args.grad_clip > 0:
-            stats["grad_norm"] = parallel.full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                                                   args.grad_clip))
-        optimizer.step()
+        stats["grad_norm"], finite = parallel.clip_gradients(policy, args.grad_clip)  # finite on every rank?
+        if finite:
+            optimizer.step()
+        else:  # a NaN / inf gradient on any rank: every rank skips this update, weights and AdamW state unchanged
+            stats["skipped"] = "non-finite gradient"
         add_time(timings, "backward_and_step", clock(policy.device) - t_backward)
-    label_texts = centroid.label_texts(out.texts, N, scores.labels)
+    trained, hits = first_of_each_group(out, N, G), evaluate.fully_right(scores.label_texts, records, answers)
     stats.update(
         reward=float(scores.rewards.mean()),
         consensus=scores.consensus,
-        answer_length=float(first_of_each_group(out, N, G).completion_mask.sum(1).float().mean()),
-        hit_rate=pseudo_label_hit_rate(label_texts, records, answers),
+        answer_length=float(trained.completion_mask.sum(1).float().mean()),
+        hit_rate=float("nan") if hits is None else sum(hits) / len(hits),
+        **monitor.label_quality_counts(scores.rewards, G, trained.texts, scores.label_texts, answers, hits,
+                                       greedy_right or [None] * len(records)),
         **{f"seconds_{k}": v for k, v in timings.items()},
     )
     return stats
-
-
-def pseudo_label_hit_rate(label_texts, records, answers):
-    """Share of questions whose pseudo label the benchmark's metric would score fully correct (diagnostic).
-
-    NaN when the split carries no answers (logged as null): training itself never needs them.
-    """
-    if any(answer is None for answer in answers):
-        return float("nan")
-    hits = [evaluate.question_score(label, answer, r["answer_type"]) == 1.0
-            for label, answer, r in zip(label_texts, answers, records)]
-    return sum(hits) / len(hits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,17 +456,21 @@ def pseudo_label_hit_rate(label_texts, records, answers):
 
 
 def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir):
+    """Scores, label-free statistics (image sensitivity too) and {qid: answer fully right} of the whole split."""
     ranks_share = labelled[rank::world_size]
+    options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
     policy.eval()  # the KV cache is off in train mode under gradient checkpointing
     with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
-        preds = evaluate.predict(policy, tokenizer, image_processor, ranks_share, batch_size=args.eval_batch_size,
-                                 prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
-    by_qid = dict(parallel.gather_lists([(r["qid"], p) for r, p in zip(ranks_share, preds)]))
-    preds = [by_qid[r["qid"]] for r in labelled]
-    scores = dict(evaluate.score_predictions(labelled, preds), **evaluate.answer_statistics(labelled, preds))
+        preds = evaluate.predict(policy, tokenizer, image_processor, ranks_share, **options)
+        grey = (monitor.grey_answers(policy, tokenizer, image_processor, ranks_share, **options)
+                if args.image_sensitivity else preds)
+    by_qid = dict(parallel.gather_lists([(r["qid"], pair) for r, pair in zip(ranks_share, zip(preds, grey))]))
+    preds, grey = ([by_qid[r["qid"]][i] for r in labelled] for i in (0, 1))
+    scores = dict(evaluate.score_predictions(labelled, preds), **evaluate.answer_statistics(labelled, preds),
+                  image_sensitivity=monitor.image_sensitivity(preds, grey) if args.image_sensitivity else None)
     if rank == 0:
         evaluate.write_predictions(out_dir / f"predictions_{tag}.jsonl", labelled, preds)
-    return scores
+    return scores, evaluate.right_by_qid(labelled, preds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +517,9 @@ def load_data(args):
         tiny.ensure_synthetic(args.data_root)
     labelled = data.load_split(args.dataset, args.data_root, args.split, lang=args.lang)
     data.check_images_open(labelled, f"{args.dataset}/{args.split}")
+    if args.reward in ("oracle", "noisy-oracle") and any(r["answer"] is None for r in labelled):
+        raise SystemExit(f"--reward {args.reward} reads the answers, but {args.dataset}/{args.split} has unlabelled "
+                         f"questions: use a label-free reward (hsr, exact, f1)")
     if len(labelled) < args.questions_per_step:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} exceeds the split's {len(labelled)} "
                          f"questions")
@@ -493,12 +528,20 @@ def load_data(args):
 
 def prepare_policy(policy, args, device, sharded=False):
     """Freeze the vision tower, gradient checkpointing and FSDP2 as the flags say; return AdamW (fp32 state)."""
+    prepare_modules(policy, args)
+    if sharded:
+        parallel.shard_policy(policy, parallel.DTYPES[args.dtype], args.offload, device)
+    return adamw(policy, args)
+
+
+def prepare_modules(policy, args):
     if args.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if sharded:
-        parallel.shard_policy(policy, parallel.DTYPES[args.dtype])
+
+
+def adamw(policy, args):
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
                              weight_decay=args.weight_decay)
 
@@ -518,26 +561,28 @@ class Run:
     world_size: int
     out_dir: Path
     baseline: dict | None = None  # the evaluation before training: the collapse monitor compares with it
+    last_right: dict | None = None  # {qid: greedy answer fully right} at the last evaluation (diagnostics)
     saved_step: int | None = None  # the step of the newest checkpoint written by this process
 
 
 def load_run(args, model_name, labelled, device, rank, world_size, sharded):
-    """Policy (fp32), reference (compute dtype), optimizer; restored from the checkpoint on --resume."""
+    """Policy (fp32), reference (compute dtype), optimizer; restored from the checkpoint on --resume.
+
+    Sharded, rank 0 alone reads the weights and sends each rank its shards (parallel.load_sharded)."""
     start_from = Path(args.out_dir) / "checkpoint" if args.resume else model_name
-    # sharded: loaded on the CPU; fully_shard moves each unit's shard to this rank's device (no full GPU replica)
-    policy, tokenizer, image_processor = modeling.load(start_from, torch.device("cpu") if sharded else device,
-                                                       dtype=torch.float32)
-    reference = None
-    if args.kl_coef > 0:
-        reference, _, _ = modeling.load(model_name, device, dtype=parallel.DTYPES[args.dtype])
-        reference.eval().requires_grad_(False)
-    counts = memory.count_parameters(policy)
-    if args.freeze_vision:
-        counts["trainable"] -= sum(p.numel() for p in policy.model.visual.parameters())
-    plan = memory.memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded,
-                              reference is not None)
-    parallel.print0(memory.format_plan(plan, world_size, dtype=args.dtype, sharded=sharded))
-    optimizer = prepare_policy(policy, args, device, sharded)
+    dtype, reference_from = parallel.DTYPES[args.dtype], model_name if args.kl_coef > 0 else None
+    if sharded:
+        policy, reference, tokenizer, image_processor = parallel.load_sharded(
+            start_from, reference_from, device, dtype, args.offload, prepare=lambda model: prepare_modules(model, args))
+    else:
+        policy, tokenizer, image_processor = modeling.load(start_from, device, dtype=torch.float32)
+        prepare_modules(policy, args)
+        reference = None if reference_from is None else modeling.load_model(reference_from, device, dtype).eval()
+    images = modeling.apply_pixel_flags(image_processor, args.max_pixels, args.min_pixels, labelled)
+    longest, image = modeling.longest_prompt(tokenizer, image_processor, labelled, args.prompt_suffix)
+    parallel.print0(images + "\n" + memory.run_plan(policy, args, world_size, sharded, reference is not None,
+                                                    longest, image))
+    optimizer = adamw(policy, args)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
     torch.manual_seed(args.seed)
     run = Run(args, policy, reference, tokenizer, image_processor, optimizer, generator, labelled, rank, world_size,
@@ -601,9 +646,12 @@ def record(run, row):
 
 
 def run_eval(run, step, tag):
-    scores = evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
-                            run.world_size, tag, run.out_dir)
-    parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores) + "\n" + format_monitor(scores))
+    scores, right = evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
+                                   run.world_size, tag, run.out_dir)
+    if run.last_right is not None:
+        scores.update(monitor.flips(run.last_right, right))
+    run.last_right = right
+    parallel.print0(f"eval {tag}\n" + evaluate.format_table(scores) + "\n" + monitor.format_monitor(scores))
     record(run, {"step": step, "eval": tag, **scores})
     return scores
 
@@ -614,35 +662,9 @@ def save(run, step):
     run.saved_step = step
 
 
-def collapse_reason(scores, baseline, args):
-    """Why an evaluation looks collapsed, from the answers alone (no labels); None if it looks healthy.
-
-    Collapse is the known failure of self-labelled RL: GRPO sharpens the pseudo labels' noise until the
-    policy gives one answer to everything. Two signs, each relative to the evaluation before training:
-      * the most frequent answer covers >= --collapse-closed-share of the CLOSED questions (and did not
-        before training: a split whose yes/no answers are that one-sided cannot show this sign);
-      * the entropy of all answers fell below --collapse-entropy-ratio x its value before training.
-    """
-    share, base_share = scores["closed_top_share"], baseline["closed_top_share"]
-    if share is not None and share >= args.collapse_closed_share > base_share:
-        return f"one answer to {100 * share:.1f}% of the CLOSED questions (before training: {100 * base_share:.1f}%)"
-    entropy, base_entropy = scores["answer_entropy"], baseline["answer_entropy"]
-    if entropy is not None and entropy < args.collapse_entropy_ratio * base_entropy:
-        return f"answer entropy {entropy:.3f} nats, below {args.collapse_entropy_ratio:g} x {base_entropy:.3f} before"
-    return None
-
-
-def format_monitor(scores):
-    def percent(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    return (f"collapse monitor: top CLOSED answer share {percent(scores['closed_top_share'])}, "
-            f"answer entropy {scores['answer_entropy']:.3f} nats, "
-            f"same-question top share {percent(scores['same_question_top_share'])}")
-
-
 def train_loop(run, step, total_steps):
-    """GRPO steps until total_steps, a SIGTERM / SIGINT, or (--stop-on-collapse) a collapse.
+    """GRPO steps until total_steps, a SIGTERM / SIGINT, --max-skipped-steps non-finite gradients in a row,
+    or (--stop-on-collapse) a collapse.
 
     Returns (step, why it stopped early or None). With --stop-on-collapse, checkpoints are written after
     healthy evaluations only, so the checkpoint left behind is the last one before the collapse.
@@ -652,18 +674,22 @@ def train_loop(run, step, total_steps):
     unlabeled = [dict(r, answer=None) for r in run.labelled]  # what training sees
     if args.resume and evaluation_due(step, args, total_steps):  # a SIGTERM may have skipped it
         run_eval(run, step, f"step{step}")
-    t_start, first_step = time.time(), step
+    t_start, first_step, skipped = time.time(), step, 0
     with stop_on_signal() as received:
         while step < total_steps:
             t0 = time.time()
             global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
             records = [unlabeled[i] for i in shard(global_batch, run.rank, run.world_size)]
             stats = train_step(run.policy, run.reference, run.optimizer, run.tokenizer, run.image_processor,
-                               records, [answers_by_qid[r["qid"]] for r in records], args, run.generator)
+                               records, [answers_by_qid[r["qid"]] for r in records], args, run.generator,
+                               [(run.last_right or {}).get(r["qid"]) for r in records])
             step += 1
-            stats = dict(parallel.mean_over_ranks(stats), seconds_step=time.time() - t0)
+            stats = dict(monitor.label_quality(parallel.mean_over_ranks(stats)), seconds_step=time.time() - t0)
             log_step(step, total_steps, stats, (time.time() - t_start) / (step - first_step) * (total_steps - step))
             record(run, {"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})
+            skipped = skipped + 1 if "skipped" in stats else 0  # the same on every rank
+            if skipped >= args.max_skipped_steps:
+                return step, f"non-finite gradients: {skipped} steps in a row skipped"
             stopping = parallel.any_rank(received)
             if stopping or (not args.stop_on_collapse and (step % args.save_every == 0 or step == total_steps)):
                 save(run, step)
@@ -671,7 +697,7 @@ def train_loop(run, step, total_steps):
                 return step, received[0] if received else "a signal to another rank"
             if evaluation_due(step, args, total_steps):
                 scores = run_eval(run, step, f"step{step}")
-                reason = collapse_reason(scores, run.baseline, args) if args.stop_on_collapse else None
+                reason = monitor.collapse_reason(scores, run.baseline, args) if args.stop_on_collapse else None
                 if reason:
                     return step, f"collapse: {reason}"
                 if args.stop_on_collapse:
@@ -684,19 +710,26 @@ def report_stop(run, step, total_steps, stopped_by):
         kept = f"step {run.saved_step}" if run.saved_step is not None else "none (the base model was the last healthy)"
         parallel.print0(f"stopped at step {step}/{total_steps} by a {stopped_by}; checkpoint kept from the last "
                         f"healthy evaluation: {kept}, in {run.out_dir / 'checkpoint'}", flush=True)
+    elif stopped_by.startswith("non-finite"):
+        parallel.print0(f"stopped at step {step}/{total_steps} by {stopped_by} (--max-skipped-steps "
+                        f"{run.args.max_skipped_steps}); last good checkpoint: "
+                        f"{checkpoint.describe_newest(run.out_dir)}", flush=True)
     else:
         parallel.print0(f"stopped by {stopped_by} after step {step}/{total_steps}: checkpoint in "
                         f"{run.out_dir / 'checkpoint'}; continue with the same command and --resume", flush=True)
 
 
 def main(argv=None):
+    modeling.disable_cudnn_attention()  # on CUDA: cuDNN SDPA's backward gives NaN gradients with our masks
     args = parse_args(argv)
-    rank, world_size, device = parallel.setup_distributed(modeling.default_device())
-    sharded = args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
+    rank, world_size, device = parallel.setup_distributed(modeling.default_device(), args.dist_timeout_minutes,
+                                                          cpu_collectives=args.offload)
+    sharded = args.offload or args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
     check_args(args, world_size, distributed=parallel.dist.is_initialized())
     labelled = on_rank0(load_data, args)  # every image opens, before any model loads
     notes = on_rank0(prepare_out_dir, args, world_size)
-    model_name = on_rank0(tiny.resolve_model, args.model)  # builds the offline tiny model once
+    checkpoint.check_shared_out_dir(args.out_dir)  # every rank writes its optimizer shard there
+    model_name = on_rank0(tiny.resolve_model, args.model, args.tiny_seed)  # hash-checks the shipped tiny model
     run, step = load_run(args, model_name, labelled, device, rank, world_size, sharded)
     steps = len(labelled) // args.questions_per_step * args.epochs
     total_steps = min(steps, args.max_steps) if args.max_steps else steps
@@ -709,12 +742,14 @@ def main(argv=None):
     before = None if args.resume else run_eval(run, step, "step0")
     if args.stop_on_collapse:
         run.baseline = before or on_rank0(checkpoint.first_evaluation, run.out_dir)
+    if args.resume:  # contested_greedy_rate and the flips continue from the last evaluation before the stop
+        run.last_right = on_rank0(monitor.last_verdicts, run.out_dir)
     step, stopped_by = train_loop(run, step, total_steps)
     if stopped_by:
         report_stop(run, step, total_steps, stopped_by)
     after = None if stopped_by else run_eval(run, step, "final")
     if after is not None and args.stop_on_collapse:  # the last step's checkpoint waits for this evaluation
-        reason = collapse_reason(after, run.baseline, args)
+        reason = monitor.collapse_reason(after, run.baseline, args)
         if reason is None:
             save(run, step)
         else:
@@ -722,6 +757,8 @@ def main(argv=None):
     if before is not None and after is not None and before["overall"] is not None:
         parallel.print0(before_after(before, after))
     parallel.shutdown()
+    if stopped_by and stopped_by.startswith("non-finite"):
+        raise SystemExit(1)  # a failed run; the message above names its last good checkpoint
     return after
 
 

@@ -39,7 +39,12 @@ def window_to_8bit(pixels):
 
 
 def open_image(path):
-    """The image at `path` as an 8-bit RGB PIL image (high-bit-depth greyscale windowed min-max first)."""
+    """The image at `path` as an 8-bit RGB PIL image (high-bit-depth greyscale windowed min-max first).
+
+    An image already in memory (a PIL RGB image, e.g. the monitor's grey control image) is passed through.
+    """
+    if isinstance(path, Image.Image) and path.mode == "RGB":
+        return path
     try:
         with Image.open(path) as image:
             if image.mode not in HIGH_BIT_MODES:

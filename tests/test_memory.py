@@ -14,24 +14,33 @@ N, T, W = 1000, 600, 4
 
 
 @pytest.mark.parametrize("dtype, sharded, reference, expected", [
-    # master 4n/4, grads 4t/4, AdamW 8t/4, bf16 compute 2n, bf16 reference 2n
-    ("bfloat16", True, True, [1000, 600, 1200, 2000, 2000]),
+    # master 4n/4, grads 4t/4, AdamW 8t/4, bf16 compute 2n, bf16 reference 2n/4 (sharded like the policy)
+    ("bfloat16", True, True, [1000, 600, 1200, 2000, 500]),
     ("bfloat16", True, False, [1000, 600, 1200, 2000, 0]),
     # unsharded: master 4n, grads 4t, AdamW 8t, bf16 compute 2n, reference 2n
     ("bfloat16", False, True, [4000, 2400, 4800, 2000, 2000]),
     ("bfloat16", False, False, [4000, 2400, 4800, 2000, 0]),
-    # fp32 sharded: the gathered fp32 copy 4n, fp32 reference 4n
-    ("float32", True, True, [1000, 600, 1200, 4000, 4000]),
+    # fp32 sharded: the gathered fp32 copy 4n, fp32 reference 4n/4
+    ("float32", True, True, [1000, 600, 1200, 4000, 1000]),
     ("float32", True, False, [1000, 600, 1200, 4000, 0]),
     # fp32 unsharded: the masters are the compute weights, no copy
     ("float32", False, True, [4000, 2400, 4800, 0, 4000]),
     ("float32", False, False, [4000, 2400, 4800, 0, 0]),
 ])
 def test_memory_plan_hand_computed(dtype, sharded, reference, expected):
-    plan = memory.memory_plan(N, T, W, dtype, sharded, reference)
-    assert [plan[key] for key in memory.PLAN_KEYS] == expected
-    assert plan["total"] == sum(expected)
-    assert set(plan) == {*memory.PLAN_KEYS, "total"}
+    plan = memory.memory_plan(N, T, W, dtype, sharded, reference, activations=7)
+    assert [plan[key] for key in memory.PLAN_KEYS] == expected + [7]
+    assert plan["total"] == sum(expected) + 7 and plan["host_offload"] == 0
+    assert set(plan) == {*memory.PLAN_KEYS, "total", "host_offload"}
+
+
+def test_offload_moves_the_fp32_states_to_the_host():
+    plan = memory.memory_plan(N, T, W, "bfloat16", True, True, offload=True)
+    assert [plan[key] for key in memory.PLAN_KEYS] == [0, 0, 0, 2000, 500, 0]
+    assert plan["host_offload"] == 1000 + 600 + 1200 and plan["total"] == 2500
+    assert memory.host_plan(N, plan, ranks_per_node=4) == 4 * N + 4 * 2800  # rank 0's fp32 copy + 4 ranks' states
+    with pytest.raises(ValueError, match="sharded"):
+        memory.memory_plan(N, T, 1, "bfloat16", False, True, offload=True)
 
 
 def test_memory_plan_one_process_sharded_equals_unsharded_in_bf16():
@@ -42,10 +51,38 @@ def test_memory_plan_one_process_sharded_equals_unsharded_in_bf16():
 
 def test_format_plan_says_what_is_left_out():
     plan = memory.memory_plan(2**30, 2**30, 4, "bfloat16", True, True)
-    text = memory.format_plan(plan, 4, dtype="bfloat16", sharded=True)
+    text = memory.format_plan(plan, 4, dtype="bfloat16", sharded=True, host=2**32)
     assert text.startswith("memory per rank (4 processes, bfloat16, FSDP2): master weights 1.0 GiB, gradients 1.0 GiB")
-    assert "total 8.0 GiB" in text and "activations, KV cache" in text and "not included" in text
+    assert "total 6.5 GiB" in text and "allocator overhead not included" in text
+    assert "host memory per node: 4.0 GiB" in text
     assert "GB" in memory.format_plan(plan, 4, gib=False) and "GiB" not in memory.format_plan(plan, 4, gib=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations, by hand
+
+
+DIMS = {"hidden": 10, "layers": 3, "intermediate": 20, "kv": 4, "vocab": 100, "vision_hidden": 6, "vision_depth": 2,
+        "vision_intermediate": 8}
+
+
+def test_activation_plan_hand_computed():
+    """1 question per rank, G = 2, N = 3, prompt 50 tokens of which 8 image tokens, 5 new tokens, eval batch 4."""
+    plan = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=True)
+    rows, seq, layer = 2, 55, 9 * 10 + 4 * 4 + 4 * 20
+    text = rows * seq * 2 * (3 * 10 + layer)  # each layer's input + one layer recomputed, bf16
+    vision = 32 * 2 * (2 * 6 + 13 * 6 + 4 * 8)  # 4 patches per image token
+    head = rows * seq * 10 * 4 + 2 * rows * 5 * 100 * 4
+    kv = seq * 3 * 2 * 4 * 2
+    assert plan == {"teacher_forced": text + vision + head, "rollout": 3 * kv, "evaluation": 4 * kv,
+                    "peak": max(text + vision + head, 3 * kv, 4 * kv)}
+    full = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=False)
+    assert full["teacher_forced"] == rows * seq * 2 * 3 * layer + 32 * 2 * 2 * (13 * 6 + 4 * 8) + head
+
+
+def test_image_tokens_at_the_cap():
+    assert memory.image_tokens_at(512 * 512) == 18 * 18  # 512 -> 504 = 18 x 28
+    assert memory.image_tokens_at(4194304) == 73 * 73
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import data
 import evaluate
 import model as modeling
+import monitor
 import rollout
 import train
 
@@ -63,7 +64,7 @@ def test_label_samples_below_group_size_is_refused(tmp_path):
 def test_consensus_hand_worked():
     texts = ["Yes", "yes.", "no", "no",  # label "yes" (index 0): 2 of 4 agree
              "liver", "the liver", "Liver", "kidney"]  # label "liver" (index 2): 3 of 4 agree
-    assert train.label_consensus(texts, 4, torch.tensor([0, 2])) == pytest.approx((2 + 3) / 8)
+    assert train.label_consensus(texts, 4, ["Yes", "liver"]) == pytest.approx((2 + 3) / 8)
 
 
 def test_answer_statistics_hand_worked():
@@ -123,8 +124,8 @@ def test_stop_on_collapse_stays_quiet_on_a_healthy_run(tiny_model_dir, slake_fol
 def test_collapse_criterion():
     args = train.parse_args(["--stop-on-collapse", "--eval-every", "1"])
     base = {"closed_top_share": 0.55, "answer_entropy": 2.0}
-    assert train.collapse_reason({"closed_top_share": 0.8, "answer_entropy": 1.5}, base, args) is None
-    assert "CLOSED" in train.collapse_reason({"closed_top_share": 0.95, "answer_entropy": 1.5}, base, args)
-    assert "entropy" in train.collapse_reason({"closed_top_share": 0.6, "answer_entropy": 0.9}, base, args)
+    assert monitor.collapse_reason({"closed_top_share": 0.8, "answer_entropy": 1.5}, base, args) is None
+    assert "CLOSED" in monitor.collapse_reason({"closed_top_share": 0.95, "answer_entropy": 1.5}, base, args)
+    assert "entropy" in monitor.collapse_reason({"closed_top_share": 0.6, "answer_entropy": 0.9}, base, args)
     one_sided = {"closed_top_share": 0.95, "answer_entropy": 2.0}  # already one-sided before training
-    assert train.collapse_reason({"closed_top_share": 0.97, "answer_entropy": 1.9}, one_sided, args) is None
+    assert monitor.collapse_reason({"closed_top_share": 0.97, "answer_entropy": 1.9}, one_sided, args) is None

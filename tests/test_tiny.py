@@ -1,11 +1,14 @@
-"""tiny.py and the synthetic protocol: the target-domain dev split, the base model's report, the import stack."""
+"""tiny.py and the synthetic protocol: the target-domain dev split, the base model's report, the shipped base
+models (recipe and SHA-256 manifest), the import stack."""
 
 import ast
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import data
 import tiny
@@ -78,6 +81,99 @@ def test_build_and_report_of_a_tiny_model(bench_root, tmp_path):
             assert set(scores) == {"overall", "open_recall", "closed_acc"}
             assert all(0.0 <= v <= 100.0 for v in scores.values())
     assert len(report["premises"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped base models (no build: the recipe and the hashes are read, not recomputed by training)
+
+
+@pytest.fixture
+def shipped_copy(tmp_path):
+    return Path(shutil.copytree(tiny.SHIPPED_DIR, tmp_path / "models"))
+
+
+@pytest.mark.parametrize("seed", tiny.SHIPPED_SEEDS)
+def test_shipped_model_is_the_frozen_recipe_and_matches_the_manifest(seed):
+    folder = tiny.shipped_model(seed)  # every file's SHA-256 checked against models/SHA256SUMS
+    built = json.loads((folder / "build.json").read_text())
+    assert (built["seed"], built["sizes"], built["warm_start"]) == (seed, tiny.SIZES, tiny.WARM_START)
+    assert not Path(built["data_root"]).is_absolute()  # no machine's folder in a shipped file
+    assert all(tiny.premises(tiny.read_report(folder)).values())
+    needed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "preprocessor_config.json", "build.json", "report.json"}
+    assert needed <= {p.name for p in folder.iterdir()}
+
+
+def test_models_folder_holds_exactly_the_manifest_s_files():
+    on_disk = {p.relative_to(tiny.SHIPPED_DIR).as_posix() for p in tiny.SHIPPED_DIR.rglob("*") if p.is_file()}
+    assert on_disk == set(tiny.read_manifest()) | {"SHA256SUMS", ".gitattributes"}
+    assert {name.split("/")[0] for name in tiny.read_manifest()} == {f"tiny-base-seed{s}" for s in tiny.SHIPPED_SEEDS}
+
+
+def test_model_tiny_is_the_shipped_model():
+    assert tiny.resolve_model("tiny") == tiny.shipped_dir(0) == tiny.TINY_BASE_DIR
+    assert tiny.resolve_model("tiny", 2) == tiny.shipped_dir(2)
+    assert tiny.resolve_model("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    with pytest.raises(SystemExit, match="--tiny-seed 1 picks a shipped tiny base model: it needs --model tiny"):
+        tiny.resolve_model("Qwen/Qwen2.5-VL-3B-Instruct", 1)
+
+
+def test_a_changed_or_missing_shipped_file_is_refused_by_name(shipped_copy):
+    assert tiny.write_manifest(shipped_copy).read_bytes() == (tiny.SHIPPED_DIR / "SHA256SUMS").read_bytes()
+    tokenizer = shipped_copy / "tiny-base-seed1" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")
+    with pytest.raises(SystemExit, match=f"{re.escape(str(tokenizer))}: its SHA-256 .* is not the one in"):
+        tiny.shipped_model(1, shipped_copy)
+    config = shipped_copy / "tiny-base-seed0" / "config.json"
+    config.unlink()
+    with pytest.raises(SystemExit, match=f"{re.escape(str(config))}: missing"):
+        tiny.shipped_model(0, shipped_copy)
+    with pytest.raises(SystemExit, match="no shipped tiny base model of warm-start seed 3 .*python tiny.py --seed 3"):
+        tiny.shipped_model(3, shipped_copy)
+    (shipped_copy / "SHA256SUMS").unlink()
+    with pytest.raises(SystemExit, match="SHA256SUMS: missing"):
+        tiny.shipped_model(2, shipped_copy)
+
+
+def test_a_recipe_change_without_a_rebuild_is_refused(monkeypatch):
+    monkeypatch.setitem(tiny.WARM_START, "steps", tiny.WARM_START["steps"] + 1)
+    with pytest.raises(SystemExit, match="tiny-base-seed0 was built with .*recipe changed without a rebuild"):
+        tiny.shipped_model(0)
+
+
+def test_ship_copies_a_finished_build_and_writes_the_manifest(shipped_copy, tmp_path):
+    build = Path(shutil.copytree(shipped_copy / "tiny-base-seed2", tmp_path / "build"))
+    recipe = json.loads((build / "build.json").read_text())
+    (build / "build.json").write_text(json.dumps(dict(recipe, data_root=str(tiny.SYNTHETIC_DIR)), indent=1))
+    root = tmp_path / "shipped"
+    assert tiny.ship(2, build, root) == root / "tiny-base-seed2"
+    assert tiny.shipped_model(2, root) == root / "tiny-base-seed2"
+    assert json.loads((root / "tiny-base-seed2" / "build.json").read_text())["data_root"] == "artifacts/synthetic"
+    assert (build / "report.json").is_file()  # copied, not moved
+    (build / "report.json").unlink()
+    with pytest.raises(SystemExit, match="report.json: missing; the build is unfinished"):
+        tiny.ship(2, build, root)
+    with pytest.raises(SystemExit, match="built with seed 2.*asks seed 1"):
+        tiny.ship(1, build, root)
+
+
+def test_compare_builds_names_the_weight_difference_and_the_scores(shipped_copy, tmp_path, capsys):
+    shipped = shipped_copy / "tiny-base-seed0"
+    assert tiny.compare_builds(shipped, shipped) == 0.0
+    assert "model.safetensors: byte-identical" in capsys.readouterr().out
+    rebuilt = Path(shutil.copytree(shipped, tmp_path / "rebuilt"))
+    weights = load_file(rebuilt / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] += 1.0
+    save_file(weights, rebuilt / "model.safetensors", metadata={"format": "pt"})
+    report = tiny.read_report(rebuilt)
+    report["target_test"]["greedy"]["overall"] += 0.75
+    (rebuilt / "report.json").write_text(json.dumps(report))
+    assert tiny.compare_builds(shipped, rebuilt) == pytest.approx(0.75)
+    out = capsys.readouterr().out
+    assert "model.safetensors: DIFFERS" in out and "tokenizer.json: byte-identical" in out
+    assert f"largest |weight difference|: 1 ({name})" in out
+    assert re.search(r"target_test.greedy overall +\d+\.\d\d +\d+\.\d\d +\+0\.75", out)
 
 
 def imported_modules(path):
