@@ -130,8 +130,8 @@ def check_shared_out_dir(out_dir):
     blind = [f"rank {rank} on {host}" for rank, host, ok in ranks if not ok]
     if blind:
         raise SystemExit(f"--out-dir {out_dir}: {', '.join(blind)} cannot read the file rank 0 wrote there ({path}); "
-                         f"every rank writes its optimizer shard into the checkpoint, so all nodes must share --out-dir "
-                         f"(a shared file system)")
+                         f"every rank writes its optimizer shard into the checkpoint, so all nodes must share "
+                         f"--out-dir (a shared file system)")
 
 
 def describe_newest(out_dir):

@@ -230,9 +230,10 @@ def image_tokens_at(pixels):
 
 def run_plan(model, args, world_size, sharded, reference, prompt_tokens, image_tokens):
     """The start-up plan of a train.py run (its flags in `args`) for its longest prompt, as printed text."""
-    acts = activation_plan(model_dims(model.config), prompt_tokens, image_tokens, args.questions_per_step // world_size,
-                           args.group_size, args.label_samples, args.max_new_tokens, args.eval_batch_size,
-                           args.gradient_checkpointing, args.dtype)
+    questions = args.questions_per_step // world_size
+    acts = activation_plan(model_dims(model.config), prompt_tokens, image_tokens, questions, args.group_size,
+                           args.label_samples, args.max_new_tokens, args.eval_batch_size, args.gradient_checkpointing,
+                           args.dtype)
     counts = count_parameters(model)
     plan = memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded, reference, args.offload,
                        acts["peak"])
@@ -258,7 +259,8 @@ def format_plan(plan, world_size, gib=True, dtype=None, sharded=None, host=None)
             + f", total {plan['total'] / scale:.1f} {unit} on the GPU; {NOT_INCLUDED}")
     if host is not None:
         text += f"\n  host memory per node: {host / scale:.1f} {unit} (rank 0's full fp32 copy while loading"
-        text += f", plus {plan['host_offload'] / scale:.1f} {unit} offloaded per rank)" if plan["host_offload"] else ")"
+        offloaded = plan["host_offload"] / scale
+        text += f", plus {offloaded:.1f} {unit} offloaded per rank)" if offloaded else ")"
     return text
 
 
@@ -328,8 +330,9 @@ def table(args):
     image = image_tokens_at(args.image_pixels)
     return "\n".join(lines) + (
         f"\n\nGB (1e9 bytes) per GPU. Activations: estimate for a {image}-token image ({args.image_pixels:,} pixels) "
-        f"+ {TEXT_TOKENS} text tokens, {args.questions_per_step} questions per step over the GPUs, G = {args.group_size}, "
-        f"{args.max_new_tokens} new tokens, evaluation batch {args.eval_batch_size}, gradient checkpointing.\n{params}.\n"
+        f"+ {TEXT_TOKENS} text tokens, {args.questions_per_step} questions per step over the GPUs, "
+        f"G = {args.group_size}, {args.max_new_tokens} new tokens, evaluation batch {args.eval_batch_size}, "
+        f"gradient checkpointing.\n{params}.\n"
         f"Fits = total <= {budget:g} GB: {args.headroom:.0%} of the GPU ({args.gpu_memory_gb * args.headroom:g} GB) "
         f"is kept for the {NOT_INCLUDED.replace(' not included', '')}. Host per node: rank 0's fp32 copy while "
         f"loading plus the offloaded states of {args.gpus_per_node} GPUs per node at most.")

@@ -151,7 +151,8 @@ def longest_prompt(tokenizer, image_processor, records, prompt_suffix):
     questions = sorted({r["question"] for r in records}, key=len)[-32:]
     text = 0
     for question in questions:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + prompt_suffix}]}]
+        content = [{"type": "image"}, {"type": "text", "text": question + prompt_suffix}]
+        messages = [{"role": "user", "content": content}]
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         text = max(text, len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - 1)  # less the one image pad
     return text + image, image

@@ -31,8 +31,9 @@ model over the G answers, `lm_head` on the answer positions) instead of the root
   * `gathered(policy)` - the rollout and evaluation: every unit is all-gathered once and kept
     gathered for the whole sampling loop (not once per token per layer), then resharded.
   * `as_forward(model, fn, ...)` - the teacher-forced pass runs inside one registered FSDP forward
-    method, so FSDP sees one forward (one root pre-forward, one root claim, prefetching as for a root
-    `forward`) instead of every unit claiming the root role in turn.
+    method, so FSDP sees one forward (one root pre-forward, one root claim, as for a root `forward`)
+    instead of every unit claiming the root role in turn, each claim making the all-gather streams wait
+    for compute.
 
 NaN-safe steps (`clip_gradients`): the gradient norm is always computed; if it is not finite on any
 rank, every rank skips that optimizer step (the weights and the AdamW state stay as they were).
@@ -43,6 +44,7 @@ group is needed and the model is an ordinary module.
 
 import math
 import os
+import sys
 import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -91,10 +93,27 @@ def setup_distributed(default_device, timeout_minutes=DEFAULT_TIMEOUT_MINUTES, c
 
 
 def shutdown():
-    """Leave the process group, all ranks together."""
+    """Leave the process group, all ranks together (the barrier: no rank leaves while another still talks)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_worker():
+    """End a torchrun worker right after its run, skipping the interpreter's and the C++ runtime's teardown.
+
+    destroy_process_group does not stop gloo's threads: FSDP's device meshes and DTensor's caches (some held
+    from C++) keep the process group alive, so its worker and socket threads still run while Python and then
+    the C++ runtime tear the process down. A thread caught in that teardown aborts a run that has finished
+    ("terminate called without an active exception", SIGABRT; at random, more often on a busy machine).
+    By now every collective is done (shutdown's barrier) and every file is closed, so the process ends here,
+    with stdout and stderr flushed. Plain python (no torchrun, no process group) exits as usual.
+    """
+    if "RANK" not in os.environ:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def is_rank0():
@@ -206,8 +225,9 @@ def register_as_forward(model):
 
 
 def as_forward(model, fn, *args):
-    """fn(model, *args); for a sharded model inside one registered FSDP forward (one root pre-forward:
-    the root's own parameters gathered, the units after it prefetched, one post-backward)."""
+    """fn(model, *args); for a sharded model inside one registered FSDP forward: one root pre-forward (the
+    root's own parameters gathered, FSDP's all-gather streams synchronised with compute once per pass rather
+    than at every unit) and one post-backward."""
     return model.run_as_forward(fn, *args) if is_sharded(model) else fn(model, *args)
 
 

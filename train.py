@@ -162,9 +162,11 @@ def parse_args(argv=None):
                    help="keep fp32 masters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy; implies "
                         "FSDP, so run under torchrun, --nproc_per_node 1 too)")
     p.add_argument("--max-skipped-steps", type=int, default=3,
-                   help="stop after this many optimizer steps in a row skipped for a non-finite gradient")
+                   help="stop after this many optimizer steps in a row skipped for a non-finite gradient "
+                        "(default 3)")
     p.add_argument("--dist-timeout-minutes", type=float, default=parallel.DEFAULT_TIMEOUT_MINUTES,
-                   help="how long a rank waits in a collective, e.g. while rank 0 writes the checkpoint (33 GB for 7B)")
+                   help="minutes a rank waits in a collective, e.g. while rank 0 writes the checkpoint "
+                        "(33 GB for 7B; default 30)")
     modeling.add_pixel_flags(p)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -225,7 +227,8 @@ def check_args(args, world_size, distributed):
     if args.fsdp == "on" and not distributed:
         raise SystemExit("--fsdp on needs a process group: run under torchrun (--nproc_per_node 1 is fine)")
     if args.offload and (args.fsdp == "off" or not distributed):
-        raise SystemExit("--offload is FSDP2's offload: run under torchrun (--nproc_per_node 1 is fine), not --fsdp off")
+        raise SystemExit("--offload is FSDP2's offload: run under torchrun (--nproc_per_node 1 is fine), "
+                         "not --fsdp off")
     modeling.check_pixel_flags(args.max_pixels, args.min_pixels)
     if args.model != "tiny":
         try:
@@ -573,7 +576,8 @@ def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     dtype, reference_from = parallel.DTYPES[args.dtype], model_name if args.kl_coef > 0 else None
     if sharded:
         policy, reference, tokenizer, image_processor = parallel.load_sharded(
-            start_from, reference_from, device, dtype, args.offload, prepare=lambda model: prepare_modules(model, args))
+            start_from, reference_from, device, dtype, args.offload,
+            prepare=lambda model: prepare_modules(model, args))
     else:
         policy, tokenizer, image_processor = modeling.load(start_from, device, dtype=torch.float32)
         prepare_modules(policy, args)
@@ -764,3 +768,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    parallel.end_worker()  # under torchrun: gloo's threads outlive the process group (parallel.end_worker)

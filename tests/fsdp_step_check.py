@@ -61,3 +61,4 @@ if rank == 0:
     torch.save({"weights": weights, "grad_norm": grad_norm, "rollout_all_gathers": len(all_gathers),
                 "fsdp_units": len(parallel.fsdp_units(policy))}, out_path)
 parallel.shutdown()
+parallel.end_worker()

@@ -33,8 +33,9 @@ model_dir, data_root, scratch, out_path, mode = sys.argv[1:6]
 rank, world_size, device = parallel.setup_distributed(torch.device("cpu"), timeout_minutes=7)
 results = {"timeout": str(parallel.dist.group.WORLD._get_backend(device).options._timeout)}
 G = 4
+offload = ["--offload"] if mode == "offload" else []
 args = train.parse_args(["--model", model_dir, "--group-size", str(G), "--lr", "1e-3", "--dtype", "bfloat16",
-                         "--max-new-tokens", "6", "--gradient-checkpointing"] + (["--offload"] if mode == "offload" else []))
+                         "--max-new-tokens", "6", "--gradient-checkpointing", *offload])
 
 
 def full_state(model):
@@ -43,7 +44,8 @@ def full_state(model):
 
 # 1. lean loading: rank 0 reads the files once, both models receive their shards
 policy, reference, tokenizer, image_processor = parallel.load_sharded(
-    model_dir, model_dir, device, torch.bfloat16, args.offload, prepare=lambda model: train.prepare_modules(model, args))
+    model_dir, model_dir, device, torch.bfloat16, args.offload,
+    prepare=lambda model: train.prepare_modules(model, args))
 optimizer = train.adamw(policy, args)
 policy_state, reference_state = full_state(policy), full_state(reference)
 if rank == 0:
@@ -132,7 +134,8 @@ after_second = local_weights()
 parallel.clip_gradients = real_clip
 results["first_skipped"] = parallel.gather_lists([first.get("skipped")])
 results["first_grad_norm_finite"] = parallel.gather_lists([first["grad_norm"] == first["grad_norm"]])
-results["unchanged_after_skip"] = parallel.gather_lists([all(torch.equal(start[k], v) for k, v in after_first.items())])
+unchanged = all(torch.equal(start[k], v) for k, v in after_first.items())
+results["unchanged_after_skip"] = parallel.gather_lists([unchanged])
 results["optimizer_state_after_skip"] = optimizer_state_after_skip
 results["second_skipped"] = parallel.gather_lists([second.get("skipped")])
 results["changed_after_second"] = parallel.gather_lists([sum(not torch.equal(after_first[k], v)
@@ -162,3 +165,4 @@ if rank == 0:
     Path(out_path).write_text(json.dumps(results, indent=1))
     torch.save({k: v.float() for k, v in final.items()}, Path(out_path).with_suffix(".pt"))
 parallel.shutdown()
+parallel.end_worker()

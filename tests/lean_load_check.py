@@ -50,3 +50,4 @@ fp32_bytes = 4 * sum(p.numel() for p in policy.parameters())  # DTensor numel: t
 if rank == 0:
     Path(out_path).write_text(json.dumps({"rises": rises, "fp32_bytes": fp32_bytes}))
 parallel.shutdown()
+parallel.end_worker()

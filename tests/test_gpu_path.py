@@ -144,7 +144,8 @@ def test_grad_norm_is_logged_without_clipping(tiny_model_dir, slake_folder, tmp_
     train.main(["--model", str(tiny_model_dir), "--data-root", str(slake_folder), "--dataset", "slake",
                 "--out-dir", str(tmp_path), "--questions-per-step", "2", "--group-size", "4", "--max-new-tokens", "4",
                 "--max-steps", "1", "--grad-clip", "0"])
-    row = next(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' not in line)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if "eval" not in r)
     assert row["grad_norm"] > 0 and "skipped" not in row
 
 
@@ -252,14 +253,17 @@ def test_bad_pixel_flags_are_refused_before_any_work(flags, message, tmp_path):
 
 def test_cudnn_attention_switched_off_when_cuda(monkeypatch):
     """Faking only the device check: on CUDA the cuDNN SDPA backend is disabled; on CPU nothing is touched."""
-    calls = []
-    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    modeling.disable_cudnn_attention()
-    assert calls == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    modeling.disable_cudnn_attention()
-    assert calls == [False]
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        modeling.disable_cudnn_attention()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        modeling.disable_cudnn_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 @pytest.mark.parametrize("main", [train.main, evaluate.main, bench.main])
