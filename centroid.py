@@ -15,6 +15,16 @@ Pseudo labels are targets, not something to differentiate: everything here runs
 under torch.no_grad on detached float32 copies (the model may run in bf16).
 
 majority_vote() is the TTRL baseline over normalised answer strings.
+
+teacher_labels() is Co-rewarding-II's label (arXiv 2508.00410; tmlr-group/Co-rewarding,
+Co-rewarding-II/verl/workers/reward_manager/co_rewarding_II.py): an EMA copy of the policy (model.ema_update)
+samples its own N answers per question and its majority vote is the label the policy's answers are rewarded
+against; with FPL, the teacher's own answer nearest its own centroid (one more teacher forward for its
+hidden states). Their label is the majority of the teacher's boxed answers on the same question
+(data.use_aug=False in their run script).
+
+label_shares() is the vote share of each group's pseudo label (the share of its answers equal to the label
+text): the consensus that the low-consensus filter (RESTRAIN / EMPO, grpo.low_consensus_rule) reads.
 """
 
 from collections import Counter
@@ -22,7 +32,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from reward import normalize_answer
+import parallel
+import rollout
+from reward import exact_match, normalize_answer
 
 PSEUDO_LABELS = ("fpl", "majority")  # Med-Evo, TTRL
 
@@ -106,11 +118,38 @@ def label_texts(texts, group_size, labels):
     return [texts[g * group_size + int(i)] for g, i in enumerate(labels)]
 
 
+def label_shares(texts, group_size, label_texts):
+    """Vote share of each group's label: the share of its answers equal (normalised, reward.exact_match) to the
+    group's label text. texts: B*G answers; label_texts: B -> list of B floats in [0, 1].
+
+    For a majority label this is TTRL's majority ratio; for an FPL label, the share of answers that say the
+    label word for word (an FPL label nearest the centroid may stand alone in its group)."""
+    check_groups(len(texts), group_size, "label_shares")
+    if len(label_texts) != len(texts) // group_size:
+        raise ValueError(f"label_shares: {len(label_texts)} labels for {len(texts) // group_size} groups")
+    return [sum(exact_match(t, label) for t in texts[g * group_size:(g + 1) * group_size]) / group_size
+            for g, label in enumerate(label_texts)]
+
+
 def pseudo_labels(kind, emb, texts, group_size):
     """Each group's pseudo-label index [B]: "fpl" (Med-Evo) from the embeddings, "majority" (TTRL) from the texts."""
     if kind == "fpl":
         return fpl_pseudo_labels(emb, group_size)
     return torch.tensor(majority_vote(texts, group_size))
+
+
+@torch.no_grad()
+def teacher_labels(teacher, tokenizer, prompt, kind, n, dtype, generator, max_new_tokens, temperature, top_p):
+    """The EMA teacher's pseudo label of each question: it samples n answers (as the policy does), then
+    majority vote or FPL (on its own embeddings) over them. Returns B label texts."""
+    with parallel.gathered(teacher, dtype):  # the teacher is never sharded: autocast over its fp32 weights
+        out = rollout.sample(teacher, tokenizer, prompt, n, max_new_tokens, temperature, top_p, generator)
+        emb = None
+        if kind == "fpl":
+            _, hidden = rollout.completion_logits_and_hidden(teacher, prompt, out.completion_ids,
+                                                             out.completion_mask, n)
+            emb = answer_embeddings(hidden, out.completion_mask)
+    return label_texts(out.texts, n, pseudo_labels(kind, emb, out.texts, n))
 
 
 # ----------------------------------------------------------------------------------------------

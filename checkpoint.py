@@ -7,6 +7,7 @@ A checkpoint is one folder, `<out-dir>/checkpoint`:
     optimizer/                           the AdamW state, one file per rank (torch.distributed.checkpoint:
                                          each rank writes and reads only its own shard under FSDP2)
     trainer_state.pt                     step, the run's defining flags, every rank's sampler RNG, torch RNG
+    teacher.pt                           with --ema-teacher only: the EMA teacher's fp32 weights (model.load_teacher)
     COMPLETE                             written last: a folder without it is never resumed from
 
 Saving writes `checkpoint.tmp`, then swaps: `checkpoint -> checkpoint.old`, `checkpoint.tmp -> checkpoint`,
@@ -66,8 +67,9 @@ FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 # Save
 
 
-def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags, generator):
-    """Write <out_dir>/checkpoint.tmp on every rank (a collective), then swap it in on rank 0."""
+def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags, generator, teacher=None):
+    """Write <out_dir>/checkpoint.tmp on every rank (a collective), then swap it in on rank 0 (teacher: the EMA
+    teacher, never sharded, written by rank 0 as teacher.pt)."""
     out_dir = Path(out_dir)
     tmp = out_dir / "checkpoint.tmp"
     if parallel.is_rank0():
@@ -82,6 +84,8 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
     rng_states = parallel.gather_lists([generator.get_state()])
     if parallel.is_rank0():
         policy.save_pretrained(tmp, state_dict=weights)
+        if teacher is not None:
+            torch.save(teacher.state_dict(), tmp / "teacher.pt")
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         torch.save({"step": step, "run_flags": run_flags, "sampler_rng": rng_states,

@@ -47,6 +47,7 @@ import centroid
 import data
 import model as modeling
 import monitor
+import parallel
 import reward
 import rollout
 from reward import normalize_answer
@@ -235,6 +236,26 @@ def write_predictions(path, records, preds):
 
 
 @torch.no_grad()
+def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir):
+    """train.py's evaluation: greedy answers on the whole split, sharded over ranks, on the compute weights.
+
+    Returns the scores and label-free statistics (image sensitivity too) and {qid: answer fully right}."""
+    ranks_share = labelled[rank::world_size]
+    options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
+    policy.eval()  # the KV cache is off in train mode under gradient checkpointing
+    with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
+        preds = predict(policy, tokenizer, image_processor, ranks_share, **options)
+        grey = (monitor.grey_answers(policy, tokenizer, image_processor, ranks_share, **options)
+                if args.image_sensitivity else preds)
+    by_qid = dict(parallel.gather_lists([(r["qid"], pair) for r, pair in zip(ranks_share, zip(preds, grey))]))
+    preds, grey = ([by_qid[r["qid"]][i] for r in labelled] for i in (0, 1))
+    scores = dict(score_predictions(labelled, preds), **answer_statistics(labelled, preds),
+                  image_sensitivity=monitor.image_sensitivity(preds, grey) if args.image_sensitivity else None)
+    if rank == 0:
+        write_predictions(out_dir / f"predictions_{tag}.jsonl", labelled, preds)
+    return scores, right_by_qid(labelled, preds)
+
+
 def pseudo_label_accuracy(model, tokenizer, image_processor, records, group_size=8, temperature=1.0,
                           max_new_tokens=16, batch_size=8, seed=0):
     """Score of the majority answer and of the FPL answer among G samples per question (no training)."""

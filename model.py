@@ -5,6 +5,8 @@ Med-Evo adapts a medical multimodal LLM (the paper uses Qwen2.5-VL-3B/7B-Instruc
 `transformers` Auto classes, bf16 on GPU, fp32 on CPU. The offline tiny base model is built by tiny.py
 and read back through this same door, exactly like a hub model. `empty_model()` builds the same class on
 the meta device from a configuration (parallel.load_sharded: the ranks that do not read the weights).
+`load_teacher()`, `ema_decay()` and `ema_update()` are the EMA teacher of `train.py --ema-teacher`
+(Co-rewarding-II), a third model beside the policy and the frozen reference: the last section.
 
 Two settings every entry point (train.py, evaluate.py, bench.py) applies before any model runs:
   * `disable_cudnn_attention()`: on CUDA, SDPA's cuDNN backend is switched off. With an explicit
@@ -19,6 +21,7 @@ Two settings every entry point (train.py, evaluate.py, bench.py) applies before 
 """
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+DEFAULT_EMA_START, DEFAULT_EMA_END = 0.99, 0.9999  # Co-rewarding-II's teacher decay, annealed by cosine
 DEFAULT_MAX_PIXELS = 4194304  # EasyR1 (hiyouga/EasyR1, verl/trainer/config.py: DataConfig.max_pixels)
 PIXEL_FACTOR = 28  # 14-pixel patches, merged 2 x 2: an image side is a multiple of 28, one token per 28 x 28
 
@@ -156,3 +160,44 @@ def longest_prompt(tokenizer, image_processor, records, prompt_suffix):
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         text = max(text, len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - 1)  # less the one image pad
     return text + image, image
+
+
+# ----------------------------------------------------------------------------------------------
+# The EMA teacher (Co-rewarding-II, arXiv 2508.00410; code tmlr-group/Co-rewarding, Co-rewarding-II/)
+#
+# A slow copy of the policy whose own answers give the pseudo label (train.teacher_labels), so that the
+# label cannot simply follow the policy's drift. After every GRPO step:
+#     teacher <- a * teacher + (1 - a) * policy,   a(k) = end + (start - end) * (1 + cos(pi * k / K)) / 2
+# k = steps done (1..K), K = the run's steps: a goes from start (k = 0) to end (k = K) by a cosine.
+# Their code (verl/workers/sharding_manager/fsdp_vllm.py, _update_ref_model_sliding_average and update_alpha)
+# writes it with the policy's weight 1 - a: ref <- alpha * policy + (1 - alpha) * ref, alpha annealed by the
+# same cosine over t = step - 1 from alpha_start to alpha_end, before each rollout (update_interval 1), so
+# the update before step k + 1 uses t = k, as ours after step k does. Their run script
+# (run_corewarding-II.sh) uses alpha 0.01 -> 1e-5, i.e. a = 0.99 -> 0.99999; the paper's 0.99 -> 0.9999 is
+# our default. The teacher is held in fp32, like the policy's masters, and computes in the compute dtype
+# (autocast): in bf16 an EMA step of (1 - a) * (policy - teacher) ~ 1e-2 * 1e-3 of a weight is far below
+# bf16's resolution (~4e-3 relative) and the teacher would never move. Their teacher is also the KL
+# reference; ours is not (the frozen base stays the reference). Not under FSDP (train.check_args refuses).
+
+
+def load_teacher(name_or_path, device, state_file=None):
+    """The EMA teacher: the start model in fp32, frozen, in eval mode; its weights from `state_file` (a
+    checkpoint's teacher.pt) on --resume."""
+    teacher = load_model(name_or_path, device, torch.float32).eval().requires_grad_(False)
+    if state_file is not None:
+        teacher.load_state_dict(torch.load(state_file, map_location=device, weights_only=True))
+    return teacher
+
+
+def ema_decay(step, total_steps, start=DEFAULT_EMA_START, end=DEFAULT_EMA_END):
+    """The teacher's decay after `step` of `total_steps` GRPO steps: start at 0, end at total_steps, cosine."""
+    k = min(max(step, 0), total_steps)
+    return end + (start - end) * (1.0 + math.cos(math.pi * k / max(total_steps, 1))) / 2.0
+
+
+@torch.no_grad()
+def ema_update(teacher, policy, decay):
+    """teacher <- decay * teacher + (1 - decay) * policy, parameter by parameter (matched by name)."""
+    policy_params = dict(policy.named_parameters())
+    for name, t in teacher.named_parameters():
+        t.mul_(decay).add_(policy_params[name].detach().to(t.dtype), alpha=1.0 - decay)

@@ -10,6 +10,9 @@ The whole method, one step at a time (arXiv 2603.07443):
   5. GRPO      - group-normalised advantages, clipped ratio, k3 KL to the frozen reference (grpo.py)
 
 With --label-samples N > G the pseudo label is chosen from N samples and GRPO trains on G of them.
+The collapse-resistant rules of issue 18, each off by default: --consensus-min / --low-consensus (RESTRAIN,
+EMPO: grpo.py), --novelty (EVOL-RL) and --reward entropy (RENT) (reward.py), --ema-teacher (Co-rewarding-II:
+centroid.teacher_labels, model.ema_update).
 Nothing here reads a label, so nothing shows accuracy falling; the collapse monitor (monitor.py:
 consensus per step; per evaluation the top CLOSED answer's share, the answers' entropy and the image
 sensitivity; --stop-on-collapse) is what a user adapting on truly unlabeled data can watch.
@@ -95,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--reward", default="hsr", choices=reward.REWARD_KINDS,
                    help="hsr (Med-Evo), exact match or token F1 vs the pseudo label; oracle = exact match vs ground "
                         "truth (upper bound, ablation only); noisy-oracle = HSR vs a label right with probability "
-                        "--label-accuracy (ablation only: the break-even label accuracy)")
+                        "--label-accuracy (ablation only: the break-even label accuracy); entropy = minus the answer's "
+                        "mean token entropy, no label (RENT, arXiv 2505.22660)")
     p.add_argument("--label-accuracy", type=float, default=1.0,
                    help="noisy-oracle: probability that a question's label is the truth (else the group's most "
                         "frequent wrong answer)")
@@ -103,6 +107,26 @@ def parse_args(argv=None):
                    help="HSR: weight of the soft tier (< 1)")
     p.add_argument("--f1-weight", type=float, default=reward.DEFAULT_F1_WEIGHT,
                    help="HSR: share of token F1 (vs cosine) in the soft tier")
+    # collapse-resistant rules from the literature (issue 18); each is off by default
+    p.add_argument("--consensus-min", type=float, default=0.0,
+                   help="kappa: a group whose pseudo label holds a vote share below it is untrusted (RESTRAIN, "
+                        "arXiv 2510.02172; EMPO, 2504.05812); 0 = off. RESTRAIN's own kappa was not reachable to us "
+                        "(grpo.py); the ablation rows use 0.5")
+    p.add_argument("--low-consensus", default="penalize", choices=grpo.LOW_CONSENSUS_RULES,
+                   help="an untrusted group: penalize = rewards 0 and advantages -delta (RESTRAIN), drop = no "
+                        "gradient (EMPO)")
+    p.add_argument("--penalty-delta", type=float, default=grpo.DEFAULT_PENALTY_DELTA,
+                   help="delta of --low-consensus penalize (RESTRAIN's value was not reachable to us; 0.1)")
+    p.add_argument("--novelty", action="store_true",
+                   help="EVOL-RL (arXiv 2509.15194) novelty shaping: REPLACES the reward with 0.5 + 0.5 * novelty "
+                        "for answers equal to the label and -1 + 0.5 * novelty for the others (reward.py)")
+    p.add_argument("--ema-teacher", action="store_true",
+                   help="Co-rewarding-II (arXiv 2508.00410): the pseudo label comes from an EMA copy of the policy, "
+                        "by majority vote or FPL over its own N samples (model.py); not under FSDP")
+    p.add_argument("--ema-start", type=float, default=modeling.DEFAULT_EMA_START,
+                   help="the teacher's EMA decay at the start (Co-rewarding-II: 0.99)")
+    p.add_argument("--ema-end", type=float, default=modeling.DEFAULT_EMA_END,
+                   help="the teacher's EMA decay at the last step, reached by a cosine (Co-rewarding-II: 0.9999)")
     # sampling
     p.add_argument("--group-size", type=int, default=8, help="answers sampled per question and trained on (G)")
     p.add_argument("--label-samples", type=int, default=None,
@@ -144,9 +168,9 @@ def parse_args(argv=None):
                    help="collapse: the most frequent answer covers at least this share of the CLOSED questions")
     p.add_argument("--collapse-entropy-ratio", type=float, default=0.5,
                    help="collapse: the answers' entropy falls below this fraction of its value before training")
-    p.add_argument("--collapse-image-ratio", type=float, default=0.0,
+    p.add_argument("--collapse-image-ratio", type=float, default=0.75,
                    help="collapse: the image sensitivity falls below this fraction of its value before training "
-                        "(0 = not a rule)")
+                        "(0.75 chosen on dev, README; 0 = not a rule)")
     p.add_argument("--image-sensitivity", action=argparse.BooleanOptionalAction, default=True,
                    help="at every evaluation, answer again with grey images and log the share of answers that change")
     p.add_argument("--dtype", default="auto", choices=["auto", *parallel.DTYPES],
@@ -201,6 +225,10 @@ RANGES = [  # (flag, test, what it must be)
     ("collapse_entropy_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("collapse_image_ratio", lambda v: 0 <= v < 1, "in [0, 1) (0 = not a rule)"),
     ("label_accuracy", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("consensus_min", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    ("penalty_delta", lambda v: v >= 0, ">= 0"),
+    ("ema_start", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ema_end", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("max_skipped_steps", lambda v: v >= 1, "an integer >= 1"),
     ("dist_timeout_minutes", lambda v: v > 0, "> 0"),
 ]
@@ -215,10 +243,19 @@ def check_args(args, world_size, distributed):
     if args.label_samples < args.group_size:
         raise SystemExit(f"--label-samples {args.label_samples}: must be >= --group-size ({args.group_size}); the "
                          f"pseudo label is chosen from N samples, G of which are trained on")
+    if args.novelty and args.reward in ("entropy", "oracle", "noisy-oracle"):
+        raise SystemExit(f"--novelty replaces the reward against the pseudo label: it cannot shape --reward "
+                         f"{args.reward} (use exact or hsr)")
+    if args.ema_teacher and args.reward in ("entropy", "oracle", "noisy-oracle"):
+        raise SystemExit(f"--ema-teacher gives the pseudo label, which --reward {args.reward} does not use")
+    if args.ema_teacher and (args.offload or args.fsdp == "on" or world_size > 1):
+        raise SystemExit("--ema-teacher is not sharded: run one process without FSDP (--fsdp off or auto, no "
+                         "--offload)")
     if args.stop_on_collapse and not args.eval_every:
         raise SystemExit("--stop-on-collapse reads the evaluations: give --eval-every N as well")
-    if args.collapse_image_ratio > 0 and not args.image_sensitivity:
-        raise SystemExit("--collapse-image-ratio reads the image sensitivity: drop --no-image-sensitivity")
+    if args.stop_on_collapse and args.collapse_image_ratio > 0 and not args.image_sensitivity:
+        raise SystemExit("--stop-on-collapse reads the image sensitivity (--collapse-image-ratio): drop "
+                         "--no-image-sensitivity, or give --collapse-image-ratio 0")
     if args.questions_per_step % world_size:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the number of "
                          f"processes ({world_size})")
@@ -295,7 +332,9 @@ class RolloutScores:
     labels: torch.Tensor  # [B] index of each question's pseudo label among its N label samples
     label_texts: list  # [B] the labels rewarded against (the pseudo labels' texts, or noisy-oracle labels)
     advantages: torch.Tensor  # [B*G]
+    keep: torch.Tensor | None  # [B*G] bool, False on a dropped low-consensus group's rows (--low-consensus drop)
     consensus: float  # share of the label samples equal to their pseudo label (TTRL's majority ratio)
+    untrusted: float  # share of the groups whose label's vote share is below --consensus-min
 
 
 def clock(device):
@@ -306,14 +345,18 @@ def clock(device):
 
 
 def rewards_for_rollout(hidden, out, group_size, args, refs=None):
-    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G], label texts [N // G])."""
+    """FPL or majority pseudo labels, then rewards: returns (rewards [N], labels [N // G], label texts [N // G]).
+    --reward entropy: rewards None (they come from the logits, not from a label)."""
     emb = centroid.answer_embeddings(hidden.detach().float(), out.completion_mask)  # [N, D]
     labels = centroid.pseudo_labels(args.pseudo_label, emb, out.texts, group_size)  # [B]
-    if args.reward == "noisy-oracle":  # refs: labels of known accuracy, which replace the pseudo labels
+    if args.reward == "noisy-oracle" or args.ema_teacher:  # refs: labels from outside, which replace the pseudo labels
         label_texts, cos = refs, centroid.cosine_to_label_texts(emb, out.texts, group_size, refs)
     else:
         label_texts = centroid.label_texts(out.texts, group_size, labels)
         cos = centroid.cosine_to_pseudo_label(emb, group_size, labels)  # [N]
+    if args.reward == "entropy" or args.novelty:
+        rewards = reward.novelty_rewards(emb, out.texts, group_size, label_texts) if args.novelty else None
+        return rewards, labels, label_texts
     rewards = reward.compute_rewards(out.texts, group_size, labels, cos, kind=args.reward, refs=refs,
                                      soft_weight=args.soft_weight, f1_weight=args.f1_weight)
     return rewards, labels, label_texts
@@ -339,9 +382,10 @@ def label_hidden(policy, prompt, out, hidden, group_size, args):
     return torch.cat([hidden.detach().view(B, G, T, -1), extra.view(B, N - G, T, -1)], dim=1).flatten(0, 1)
 
 
-def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings):
+def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings, entropy=None):
     """The first update's view of a fresh rollout: pseudo labels (over all N label samples in `out`), rewards
-    and advantages (of the G trained answers, the first G of each question), reference log-probs."""
+    and advantages (of the G trained answers, the first G of each question), reference log-probs.
+    entropy [B*G]: --reward entropy's rewards (reward.entropy_rewards of the first update's logits)."""
     N, G = args.label_samples, group_size
     t_label = clock(logp.device)
     hidden_all = label_hidden(policy, prompt, out, hidden, G, args)  # [B*N, T, D]
@@ -349,9 +393,12 @@ def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args
     if N > G:  # the no-grad forward over the N - G extra label samples: not part of FPL + HSR's time
         add_time(timings, "label_forward", t0 - t_label)
     rewards_all, labels, label_texts = rewards_for_rollout(hidden_all, out, N, args, refs)  # [B*N], [B], [B]
-    rewards = rewards_all.view(-1, N)[:, :G].reshape(-1)  # [B*G]
-    advantages = grpo.group_advantages(rewards.to(logp.device), G, scale=args.adv_scale)
-    consensus = label_consensus(out.texts, N, label_texts)
+    rewards = entropy if rewards_all is None else rewards_all.view(-1, N)[:, :G].reshape(-1)  # [B*G]
+    shares = centroid.label_shares(out.texts, N, label_texts)  # [B] the labels' vote shares over N
+    rewards, advantages, keep = grpo.low_consensus_rule(rewards.to(logp.device), shares, G, args.consensus_min,
+                                                        args.low_consensus, args.penalty_delta, args.adv_scale)
+    consensus = sum(shares) / len(shares)  # TTRL's majority ratio, for a majority label
+    untrusted = sum(share < args.consensus_min for share in shares) / len(shares)
     t1 = clock(logp.device)
     ref_logp = None
     if args.kl_coef > 0:
@@ -361,13 +408,8 @@ def score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args
             ref_logp = grpo.token_logprobs(ref_logits, trained.completion_ids)
     add_time(timings, "fpl_hsr", t1 - t0)
     add_time(timings, "reference_forward", clock(logp.device) - t1)
-    return RolloutScores(logp.detach(), ref_logp, rewards, labels, label_texts, advantages, consensus)
-
-
-def label_consensus(texts, group_size, label_texts):
-    """Mean over groups of the share of answers equal (normalised) to the group's label."""
-    agree = [reward.exact_match(text, label_texts[i // group_size]) for i, text in enumerate(texts)]
-    return sum(agree) / len(agree)
+    return RolloutScores(logp.detach(), ref_logp, rewards, labels, label_texts, advantages, keep, consensus,
+                         untrusted)
 
 
 def select_rows(out, rows):
@@ -398,18 +440,20 @@ def policy_loss(policy, reference, prompt, out, group_size, args, refs=None, tim
     t0 = clock(policy.device)
     logits, hidden = teacher_forced(policy, prompt, trained, group_size, parallel.DTYPES[args.dtype])
     logp = grpo.token_logprobs(logits, trained.completion_ids)  # [B*G, T] float32
+    first_entropy = scores is None and args.reward == "entropy"  # RENT: the sampling policy's logits, detached
+    entropy = reward.entropy_rewards(logits, trained.completion_mask) if first_entropy else None
     del logits
     add_time(timings, "policy_forward", clock(policy.device) - t0)
     if scores is None:
-        scores = score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings)
+        scores = score_rollout(policy, logp, hidden, reference, prompt, out, group_size, args, refs, timings, entropy)
     mask = trained.completion_mask.to(logp.dtype)
     loss, stats = grpo.grpo_loss(logp, scores.old_logp, scores.ref_logp, scores.advantages, mask,
-                                 clip_eps=args.clip_eps, kl_coef=args.kl_coef, agg=args.loss_agg)
+                                 clip_eps=args.clip_eps, kl_coef=args.kl_coef, agg=args.loss_agg, keep=scores.keep)
     return loss, {k: float(v) for k, v in stats.items()}, scores
 
 
 def train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args, generator,
-               greedy_right=None):
+               greedy_right=None, teacher=None):
     """Rollout -> policy forward -> FPL -> HSR -> advantages -> GRPO loss -> backward (FSDP reduces) -> AdamW.
 
     answers and greedy_right (was the greedy answer right at the last evaluation) feed diagnostics only,
@@ -427,6 +471,11 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
     policy.train()
     # the oracle ablations read labels (noisy-oracle: its draws come from this rank's sampler RNG); Med-Evo never does
     refs = centroid.oracle_targets(args.reward, answers, out.texts, N, args.label_accuracy, generator)
+    if teacher is not None:  # --ema-teacher: the label comes from the teacher's own samples
+        t_teacher = clock(policy.device)
+        refs = centroid.teacher_labels(teacher, tokenizer, prompt, args.pseudo_label, N, dtype, generator,
+                                       args.max_new_tokens, args.temperature, args.top_p)
+        timings["teacher"] = clock(policy.device) - t_teacher
     scores = None
     for update in range(args.updates_per_rollout):
         loss, update_stats, scores = policy_loss(policy, reference, prompt, out, G, args, refs, timings, scores)
@@ -445,6 +494,7 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
     stats.update(
         reward=float(scores.rewards.mean()),
         consensus=scores.consensus,
+        untrusted=scores.untrusted,
         answer_length=float(trained.completion_mask.sum(1).float().mean()),
         hit_rate=float("nan") if hits is None else sum(hits) / len(hits),
         **monitor.label_quality_counts(scores.rewards, G, trained.texts, scores.label_texts, answers, hits,
@@ -452,28 +502,6 @@ def train_step(policy, reference, optimizer, tokenizer, image_processor, records
         **{f"seconds_{k}": v for k, v in timings.items()},
     )
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation (greedy answers on the whole split, sharded over ranks, on the compute weights)
-
-
-def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir):
-    """Scores, label-free statistics (image sensitivity too) and {qid: answer fully right} of the whole split."""
-    ranks_share = labelled[rank::world_size]
-    options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
-    policy.eval()  # the KV cache is off in train mode under gradient checkpointing
-    with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
-        preds = evaluate.predict(policy, tokenizer, image_processor, ranks_share, **options)
-        grey = (monitor.grey_answers(policy, tokenizer, image_processor, ranks_share, **options)
-                if args.image_sensitivity else preds)
-    by_qid = dict(parallel.gather_lists([(r["qid"], pair) for r, pair in zip(ranks_share, zip(preds, grey))]))
-    preds, grey = ([by_qid[r["qid"]][i] for r in labelled] for i in (0, 1))
-    scores = dict(evaluate.score_predictions(labelled, preds), **evaluate.answer_statistics(labelled, preds),
-                  image_sensitivity=monitor.image_sensitivity(preds, grey) if args.image_sensitivity else None)
-    if rank == 0:
-        evaluate.write_predictions(out_dir / f"predictions_{tag}.jsonl", labelled, preds)
-    return scores, evaluate.right_by_qid(labelled, preds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,6 +594,7 @@ class Run:
     baseline: dict | None = None  # the evaluation before training: the collapse monitor compares with it
     last_right: dict | None = None  # {qid: greedy answer fully right} at the last evaluation (diagnostics)
     saved_step: int | None = None  # the step of the newest checkpoint written by this process
+    teacher: torch.nn.Module | None = None  # --ema-teacher: the EMA copy of the policy (fp32, frozen)
 
 
 def load_run(args, model_name, labelled, device, rank, world_size, sharded):
@@ -591,6 +620,9 @@ def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     torch.manual_seed(args.seed)
     run = Run(args, policy, reference, tokenizer, image_processor, optimizer, generator, labelled, rank, world_size,
               Path(args.out_dir))
+    if args.ema_teacher:
+        run.teacher = modeling.load_teacher(model_name, device, run.out_dir / "checkpoint" / "teacher.pt"
+                                            if args.resume else None)
     step = 0
     if args.resume:
         step = checkpoint.load_trainer_state(run.out_dir, policy, optimizer, generator, rank, args.lr)
@@ -650,7 +682,7 @@ def record(run, row):
 
 
 def run_eval(run, step, tag):
-    scores, right = evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
+    scores, right = evaluate.evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
                                    run.world_size, tag, run.out_dir)
     if run.last_right is not None:
         scores.update(monitor.flips(run.last_right, right))
@@ -662,7 +694,7 @@ def run_eval(run, step, tag):
 
 def save(run, step):
     checkpoint.save(run.out_dir, run.policy, run.tokenizer, run.image_processor, run.optimizer, step,
-                    run_flags(run.args), run.generator)
+                    run_flags(run.args), run.generator, run.teacher)
     run.saved_step = step
 
 
@@ -686,8 +718,11 @@ def train_loop(run, step, total_steps):
             records = [unlabeled[i] for i in shard(global_batch, run.rank, run.world_size)]
             stats = train_step(run.policy, run.reference, run.optimizer, run.tokenizer, run.image_processor,
                                records, [answers_by_qid[r["qid"]] for r in records], args, run.generator,
-                               [(run.last_right or {}).get(r["qid"]) for r in records])
+                               [(run.last_right or {}).get(r["qid"]) for r in records], run.teacher)
             step += 1
+            if run.teacher is not None:  # Co-rewarding-II: teacher <- a * teacher + (1 - a) * policy
+                modeling.ema_update(run.teacher, run.policy,
+                                    modeling.ema_decay(step, total_steps, args.ema_start, args.ema_end))
             stats = dict(monitor.label_quality(parallel.mean_over_ranks(stats)), seconds_step=time.time() - t0)
             log_step(step, total_steps, stats, (time.time() - t_start) / (step - first_step) * (total_steps - step))
             record(run, {"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})

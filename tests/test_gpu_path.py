@@ -110,6 +110,18 @@ def test_lean_loading_holds_one_copy_on_rank0_and_shards_elsewhere(tmp_path):
     assert rank1["rss"] < 0.9 * copy and rank1["anon"] < 0.9 * copy, (r, copy)  # its shards only
 
 
+def test_end_worker_skips_the_teardown_only_under_torchrun():
+    """A finished torchrun worker ends without the interpreter's teardown (where gloo's surviving threads abort
+    it), its output flushed; plain python exits as usual."""
+    code = ("import atexit, parallel; atexit.register(print, 'teardown'); print('done'); parallel.end_worker(); "
+            "print('not reached')")
+    plain = {k: v for k, v in os.environ.items() if k != "RANK"}
+    for env, expected in [(dict(plain, RANK="0"), "done\n"), (plain, "done\nnot reached\nteardown\n")]:
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and done.stdout == expected, done.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # NaN-safe steps, one process
 

@@ -109,9 +109,10 @@ def test_noisy_oracle_rewards_are_hsr_against_the_label():
 
 
 def test_label_free_rows_never_read_a_label(tiny_model_dir, unlabeled_slake_folder, tmp_path):
-    """Every label-free row of the ablation trains on a split without answers; the oracle ablations refuse it."""
+    """Every label-free row of the ablation trains on a split without answers (the collapse-resistant rules of
+    issue 18 included: consensus filter, EMA teacher, novelty, entropy); the oracle ablations refuse it."""
     label_free = [flags for _, _, flags in ablate.ROWS if flags[flags.index("--reward") + 1] not in ORACLES]
-    assert len(label_free) == 6  # TTRL, FPL + exact, majority + HSR, Med-Evo, and the two with N = 32
+    assert len(label_free) == 14  # TTRL, FPL + exact, majority + HSR, Med-Evo, the two with N = 32, and the 8
     fast = ["--model", str(tiny_model_dir), "--data-root", str(unlabeled_slake_folder), "--dataset", "slake",
             "--questions-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--max-steps", "1",
             "--eval-batch-size", "12", "--no-image-sensitivity"]

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import centroid
 import data
 import evaluate
 import model as modeling
@@ -64,7 +65,7 @@ def test_label_samples_below_group_size_is_refused(tmp_path):
 def test_consensus_hand_worked():
     texts = ["Yes", "yes.", "no", "no",  # label "yes" (index 0): 2 of 4 agree
              "liver", "the liver", "Liver", "kidney"]  # label "liver" (index 2): 3 of 4 agree
-    assert train.label_consensus(texts, 4, ["Yes", "liver"]) == pytest.approx((2 + 3) / 8)
+    assert centroid.label_shares(texts, 4, ["Yes", "liver"]) == pytest.approx([2 / 4, 3 / 4])
 
 
 def test_answer_statistics_hand_worked():
