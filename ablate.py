@@ -396,7 +396,8 @@ def run_jobs(jobs, n_parallel, extra):
             finished[job.key] = metrics, seconds
             eta = (time.time() - t_start) / (len(finished) - reused) * (len(jobs) - len(finished))
             print(f"[{len(finished)}/{len(jobs)}] {job.label}: overall {100 * metrics[0]['overall']:.2f} -> "
-                  f"{100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {train.format_eta(eta)}", flush=True)
+                  f"{100 * metrics[-1]['overall']:.2f} ({seconds:.0f}s) | ETA {monitor.format_eta(eta)}",
+                  flush=True)
     return finished, reused
 
 
@@ -592,7 +593,7 @@ def main():
     (out / "table.md").write_text(text + "\n")
     (out / "ablation.json").write_text(json.dumps(report, indent=1))
     print(text)
-    print(f"wrote {out / 'table.md'} and {out / 'ablation.json'} ({train.format_eta(time.time() - t_start)}, "
+    print(f"wrote {out / 'table.md'} and {out / 'ablation.json'} ({monitor.format_eta(time.time() - t_start)}, "
           f"{reused} of {len(jobs)} runs reused)")
     if not args.no_plot and "medevo" in results:
         plot_evolution(results["medevo"], out / "evolution.png")

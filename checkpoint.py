@@ -197,6 +197,27 @@ def check_run_flags(saved, now):
     return notes
 
 
+def prepare_out_dir(out_dir, resume, overwrite, world_size, flags):
+    """Refuse to mix runs in one --out-dir; on --resume recover the checkpoint and check the flags.
+    Returns notes for the log."""
+    out_dir = Path(out_dir)
+    if resume:
+        notes = [recover(out_dir)]
+        state = trainer_state(out_dir)
+        check_world_size(state, world_size)
+        notes += check_run_flags(state["run_flags"], flags)
+        step = state["step"]
+        dropped = truncate_rows(out_dir / "metrics.jsonl", step)
+        return notes + ([f"dropped {dropped} metrics.jsonl row(s) logged after step {step}"] if dropped else [])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise SystemExit(f"--out-dir {out_dir} is not empty: add --resume to continue that run, --overwrite "
+                             f"to delete it and start clean, or choose another --out-dir")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return []
+
+
 def trainer_state(out_dir):
     """<out_dir>/checkpoint/trainer_state.pt: step, run flags, RNG states."""
     return torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)

@@ -194,6 +194,13 @@ def answer_statistics(records, preds):
             "answer_entropy": entropy, "same_question_top_share": same_question}
 
 
+def before_after(before, after):
+    """One line: the scores before and after training."""
+    keys = [("overall", "overall"), ("open_recall", "open recall"), ("closed_acc", "closed accuracy")]
+    return "before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
+                                          for key, name in keys if before[key] is not None)
+
+
 def format_table(scores):
     """Fixed-width text table of score_predictions() output, metrics in percent."""
     def percent(x):
@@ -241,7 +248,8 @@ def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, wor
 
     Returns the scores and label-free statistics (image sensitivity too) and {qid: answer fully right}."""
     ranks_share = labelled[rank::world_size]
-    options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens)
+    options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix,
+                   max_new_tokens=args.max_new_tokens)
     policy.eval()  # the KV cache is off in train mode under gradient checkpointing
     with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
         preds = predict(policy, tokenizer, image_processor, ranks_share, **options)
@@ -360,7 +368,8 @@ def main(argv=None):
                     "the premise check: will label-free adaptation help this model? (README)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
     parser.add_argument("--data-root", default=None,
-                        help="dataset folder (default for synthetic: artifacts/synthetic)")
+                        help="dataset folder (default: datasets/<dataset> in the repo; for synthetic: "
+                             "artifacts/synthetic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--lang", default="en", help="SLAKE language subset: en or all")
     parser.add_argument("--model", default=str(TINY_BASE_DIR),
@@ -379,8 +388,7 @@ def main(argv=None):
     modeling.add_pixel_flags(parser)
     args = parser.parse_args(argv)
     modeling.check_pixel_flags(args.max_pixels, args.min_pixels)
-    if args.dataset != "synthetic" and args.data_root is None:
-        raise SystemExit(f"--dataset {args.dataset} needs --data-root")
+    root = data.resolve_root(args.dataset, args.data_root, ARTIFACTS.parent / "datasets", SYNTHETIC_DIR)
     for flag, value, least in [("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                                ("--samples", args.samples, 2), ("--sample-batch-size", args.sample_batch_size, 1)]:
         if value < least:
@@ -388,7 +396,7 @@ def main(argv=None):
     if not args.temperature > 0:
         raise SystemExit(f"--temperature {args.temperature}: must be > 0 (the premise check samples)")
     try:
-        records = data.load_split(args.dataset, args.data_root or SYNTHETIC_DIR, args.split, lang=args.lang)
+        records = data.load_split(args.dataset, root, args.split, lang=args.lang)
         data.check_images_open(records, f"{args.dataset}/{args.split}")  # before the model loads
     except (OSError, ValueError) as err:
         raise SystemExit(str(err)) from err

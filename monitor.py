@@ -184,6 +184,18 @@ def format_monitor(scores):
 # The premise check's verdict (evaluate.py --premise computes the numbers)
 
 
+def format_eta(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def format_step(step, total_steps, stats, eta):
+    """The line train.py prints after each step."""
+    return (f"step {step}/{total_steps} | reward {stats['reward']:.3f} | hit {stats['hit_rate']:.2f} | "
+            f"kl {stats['kl']:.4f} | clip {stats['clip_frac']:.3f} | len {stats['answer_length']:.1f} | "
+            f"{stats['seconds_step']:.1f}s/step | ETA {format_eta(eta)}")
+
+
 def premise_verdict(numbers):
     """One plain sentence per labeler from the premise check's numbers: where the gradient flows (contested
     questions), is the pseudo label right more often than the greedy answer it would move?"""

@@ -44,6 +44,7 @@ group is needed and the model is an ordinary module.
 
 import math
 import os
+import signal
 import sys
 import types
 from contextlib import contextmanager, nullcontext
@@ -173,6 +174,27 @@ def broadcast_from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def stop_on_signal():
+    """SIGTERM / SIGINT only record their name; the loop reads it after each step, checkpoints and stops.
+
+    Repeats are recorded too, never obeyed at once: under torchrun a worker may get the scheduler's
+    SIGTERM and then the agent's, and must still finish its checkpoint (the agent waits
+    --shutdown-timeout seconds, 30 by default, before SIGKILL).
+    """
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ----------------------------------------------------------------------------------------------

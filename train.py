@@ -40,10 +40,7 @@ write a checkpoint and exit 0.
 import argparse
 import math
 import random
-import shutil
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +60,6 @@ import rollout
 import tiny
 
 REPO = Path(__file__).resolve().parent
-# Where `--dataset NAME` looks without --data-root, and what it expects to find there.
-DATA_LAYOUTS = {
-    "slake": "the official SLAKE release: imgs/xmlabN/source.jpg + train.json, validate.json, test.json",
-    "vqa_rad": "the official VQA-RAD release ('VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/') "
-               "or data_RAD/{trainset,testset}.json + images/",
-    "path_vqa": "PathVQA: pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/",
-}
-
 # ----------------------------------------------------------------------------------------------
 # Flags
 
@@ -274,25 +263,8 @@ def check_args(args, world_size, distributed):
             raise SystemExit(str(err)) from err
     if args.resume and args.overwrite:
         raise SystemExit("--resume and --overwrite contradict each other: continue a run, or start it clean")
-    args.data_root = str(data_root(args))
-
-
-def data_root(args):
-    """The dataset folder: --data-root if given (it must exist), else the documented default."""
-    if args.data_root is not None:
-        root = Path(args.data_root)
-        if not root.is_dir():
-            raise SystemExit(f"--data-root {root}: no such folder" + (
-                " (the synthetic benchmark is written only to its default folder, artifacts/synthetic, or by "
-                f"python -m data.synthetic --out {root})" if args.dataset == "synthetic" else ""))
-        return root
-    if args.dataset == "synthetic":
-        return tiny.SYNTHETIC_DIR  # written on first use
-    root = REPO / "datasets" / args.dataset
-    if not root.is_dir():
-        raise SystemExit(f"--dataset {args.dataset}: no --data-root given and the default folder {root} does not "
-                         f"exist; put {DATA_LAYOUTS[args.dataset]} there, or pass --data-root PATH")
-    return root
+    args.data_root = str(data.resolve_root(args.dataset, args.data_root, REPO / "datasets",
+                                           tiny.SYNTHETIC_DIR))
 
 
 def run_flags(args):
@@ -522,26 +494,6 @@ def on_rank0(fn, *fn_args):
     return result
 
 
-def prepare_out_dir(args, world_size):
-    """Refuse to mix runs in one --out-dir; on --resume recover the checkpoint and check the flags."""
-    out_dir = Path(args.out_dir)
-    if args.resume:
-        notes = [checkpoint.recover(out_dir)]
-        state = checkpoint.trainer_state(out_dir)
-        checkpoint.check_world_size(state, world_size)
-        notes += checkpoint.check_run_flags(state["run_flags"], run_flags(args))
-        step = state["step"]
-        dropped = checkpoint.truncate_rows(out_dir / "metrics.jsonl", step)
-        return notes + ([f"dropped {dropped} metrics.jsonl row(s) logged after step {step}"] if dropped else [])
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"--out-dir {out_dir} is not empty: add --resume to continue that run, --overwrite "
-                             f"to delete it and start clean, or choose another --out-dir")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return []
-
-
 def load_data(args):
     """The split (answers kept for evaluation only), after checking that every image opens."""
     if args.dataset == "synthetic" and Path(args.data_root) == tiny.SYNTHETIC_DIR:
@@ -629,47 +581,9 @@ def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     return run, step
 
 
-@contextmanager
-def stop_on_signal():
-    """SIGTERM / SIGINT only record their name; the loop reads it after each step, checkpoints and stops.
-
-    Repeats are recorded too, never obeyed at once: under torchrun a worker may get the scheduler's
-    SIGTERM and then the agent's, and must still finish its checkpoint (the agent waits
-    --shutdown-timeout seconds, 30 by default, before SIGKILL).
-    """
-    received = []
-
-    def handler(signum, frame):
-        received.append(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def evaluation_due(step, args, total_steps):
     """--eval-every's evaluations between steps (the final one always runs)."""
     return args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps
-
-
-def format_eta(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
-
-
-def log_step(step, total_steps, stats, eta):
-    parallel.print0(f"step {step}/{total_steps} | reward {stats['reward']:.3f} | hit {stats['hit_rate']:.2f} | "
-                    f"kl {stats['kl']:.4f} | clip {stats['clip_frac']:.3f} | len {stats['answer_length']:.1f} | "
-                    f"{stats['seconds_step']:.1f}s/step | ETA {format_eta(eta)}", flush=True)
-
-
-def before_after(before, after):
-    keys = [("overall", "overall"), ("open_recall", "open recall"), ("closed_acc", "closed accuracy")]
-    return "before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
-                                          for key, name in keys if before[key] is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,8 +596,8 @@ def record(run, row):
 
 
 def run_eval(run, step, tag):
-    scores, right = evaluate.evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args, run.rank,
-                                   run.world_size, tag, run.out_dir)
+    scores, right = evaluate.evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args,
+                                            run.rank, run.world_size, tag, run.out_dir)
     if run.last_right is not None:
         scores.update(monitor.flips(run.last_right, right))
     run.last_right = right
@@ -711,7 +625,7 @@ def train_loop(run, step, total_steps):
     if args.resume and evaluation_due(step, args, total_steps):  # a SIGTERM may have skipped it
         run_eval(run, step, f"step{step}")
     t_start, first_step, skipped = time.time(), step, 0
-    with stop_on_signal() as received:
+    with parallel.stop_on_signal() as received:
         while step < total_steps:
             t0 = time.time()
             global_batch = batch_for_step(unlabeled, step, args.questions_per_step, args.seed)
@@ -724,7 +638,8 @@ def train_loop(run, step, total_steps):
                 modeling.ema_update(run.teacher, run.policy,
                                     modeling.ema_decay(step, total_steps, args.ema_start, args.ema_end))
             stats = dict(monitor.label_quality(parallel.mean_over_ranks(stats)), seconds_step=time.time() - t0)
-            log_step(step, total_steps, stats, (time.time() - t_start) / (step - first_step) * (total_steps - step))
+            eta = (time.time() - t_start) / (step - first_step) * (total_steps - step)
+            parallel.print0(monitor.format_step(step, total_steps, stats, eta), flush=True)
             record(run, {"step": step, "questions": [unlabeled[i]["qid"] for i in global_batch], **stats})
             skipped = skipped + 1 if "skipped" in stats else 0  # the same on every rank
             if skipped >= args.max_skipped_steps:
@@ -766,7 +681,8 @@ def main(argv=None):
     sharded = args.offload or args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
     check_args(args, world_size, distributed=parallel.dist.is_initialized())
     labelled = on_rank0(load_data, args)  # every image opens, before any model loads
-    notes = on_rank0(prepare_out_dir, args, world_size)
+    notes = on_rank0(checkpoint.prepare_out_dir, args.out_dir, args.resume, args.overwrite, world_size,
+                     run_flags(args))
     checkpoint.check_shared_out_dir(args.out_dir)  # every rank writes its optimizer shard there
     model_name = on_rank0(tiny.resolve_model, args.model, args.tiny_seed)  # hash-checks the shipped tiny model
     run, step = load_run(args, model_name, labelled, device, rank, world_size, sharded)
@@ -794,7 +710,7 @@ def main(argv=None):
         else:
             report_stop(run, step, total_steps, f"collapse: {reason}")
     if before is not None and after is not None and before["overall"] is not None:
-        parallel.print0(before_after(before, after))
+        parallel.print0(evaluate.before_after(before, after))
     parallel.shutdown()
     if stopped_by and stopped_by.startswith("non-finite"):
         raise SystemExit(1)  # a failed run; the message above names its last good checkpoint

@@ -39,6 +39,34 @@ from .images import open_image
 DATASETS = ("slake", "vqa_rad", "path_vqa", "synthetic")
 
 
+# Where `--dataset NAME` looks without --data-root, and what it expects to find there.
+DATA_LAYOUTS = {
+    "slake": "the official SLAKE release: imgs/xmlabN/source.jpg + train.json, validate.json, test.json",
+    "vqa_rad": "the official VQA-RAD release ('VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/') "
+               "or data_RAD/{trainset,testset}.json + images/",
+    "path_vqa": "PathVQA: pvqa/qas/{split}/{split}_qa.pkl + pvqa/images/{split}/",
+}
+
+
+def resolve_root(name, data_root, default_parent, synthetic_dir):
+    """The dataset folder: --data-root if given (it must exist), else default_parent/NAME (synthetic:
+    synthetic_dir, written on first use). A missing folder is a SystemExit that names the flag."""
+    if data_root is not None:
+        root = Path(data_root)
+        if not root.is_dir():
+            raise SystemExit(f"--data-root {root}: no such folder" + (
+                " (the synthetic benchmark is written only to its default folder, artifacts/synthetic, or by "
+                f"python -m data.synthetic --out {root})" if name == "synthetic" else ""))
+        return root
+    if name == "synthetic":
+        return Path(synthetic_dir)
+    root = Path(default_parent) / name
+    if not root.is_dir():
+        raise SystemExit(f"--dataset {name}: no --data-root given and the default folder {root} does not "
+                         f"exist; put {DATA_LAYOUTS[name]} there, or pass --data-root PATH")
+    return root
+
+
 def check_root(name, root):
     if root.is_dir():
         return
