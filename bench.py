@@ -13,6 +13,8 @@ bookkeeping decide how long test-time adaptation takes. Two measurements, in one
   2. training-step split: `train.train_step` (flags from `train.parse_args`, G = 8) reports the
      seconds spent in rollout, policy forward, backward + AdamW step, reference forward and FPL + HSR;
      each is shown as seconds and as a share of the step's wall time. Target: FPL + HSR < 5%.
+     `--train-flags="..."` adds a row's flags (e.g. --ema-teacher: the teacher's rollout and EMA update
+     are timed too, and its memory reported), so a rule's cost is a difference of two bench runs.
 
 Each timing is the median of --repeats runs after one warmup run, under torch.inference_mode for
 the sampler, with the GPU synchronized before the clock is read.
@@ -31,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import statistics
 import tempfile
 import time
@@ -82,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=448,
                    help="side in pixels of the generated images (not the synthetic split)")
     p.add_argument("--part", default="all", choices=["all", "sampler", "train"], help="which measurement to run")
+    p.add_argument("--train-flags", default="",
+                   help="train.py flags for the training-step part, with '=', e.g. --train-flags=\"--pseudo-label "
+                        "majority --reward exact --ema-teacher\": what a row's rules add to a step (README)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="where the results are written as JSON")
     modeling.add_pixel_flags(p)
@@ -98,6 +104,10 @@ def parse_args(argv=None):
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     if args.qwen_layers < 0:
         raise SystemExit(f"--qwen-layers {args.qwen_layers} must be positive (0 = the full 36 / 32)")
+    try:
+        train_step_args(args)  # train.py's own parser checks --train-flags, before any model loads
+    except SystemExit as err:
+        raise SystemExit(f"--train-flags {args.train_flags!r}: not valid train.py flags (exit {err.code})") from err
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here")
     return args
@@ -280,6 +290,11 @@ STEP_PARTS = [  # (train_step stat, label)
     ("seconds_reference_forward", "reference forward"),
     ("seconds_fpl_hsr", "FPL + HSR"),
 ]
+RULE_PARTS = [  # present only when a --train-flags rule runs them
+    ("seconds_label_forward", "label-samples forward"),
+    ("seconds_teacher", "EMA teacher rollout"),
+    ("seconds_ema_update", "EMA teacher update"),
+]
 
 
 def training_setup(policy, args, device):
@@ -289,24 +304,42 @@ def training_setup(policy, args, device):
     return reference, optimizer, policy.is_activation_checkpointing
 
 
+def train_step_args(bench_args):
+    """train.py's flags for the measured step: G = 8, the bench's batch, then --train-flags (later wins)."""
+    return train.parse_args(["--group-size", str(TRAIN_GROUP_SIZE), "--max-new-tokens", str(bench_args.max_new_tokens),
+                             "--questions-per-step", str(bench_args.questions), "--seed", str(bench_args.seed),
+                             *shlex.split(bench_args.train_flags)])
+
+
 def bench_train_step(policy, tokenizer, image_processor, records, bench_args, device):
-    args = train.parse_args(["--group-size", str(TRAIN_GROUP_SIZE), "--max-new-tokens", str(bench_args.max_new_tokens),
-                             "--questions-per-step", str(len(records)), "--seed", str(bench_args.seed)])
+    args = train_step_args(bench_args)
+    # --ema-teacher: the EMA copy of the policy, fp32 and frozen as model.load_teacher makes it
+    teacher = copy.deepcopy(policy).float().eval().requires_grad_(False) if args.ema_teacher else None
     reference, optimizer, checkpointing = training_setup(policy, args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     answers = [r["answer"] for r in records]  # for the hit-rate diagnostic only (NaN when None)
-    step = lambda: train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers,
-                                    args, generator)
+
+    def step():  # one step as train.train_loop runs it, the teacher's EMA update included
+        stats = train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args,
+                                 generator, teacher=teacher)
+        if teacher is not None:
+            t0 = train.clock(device)
+            modeling.ema_update(teacher, policy, modeling.DEFAULT_EMA_START)  # its cost does not depend on the decay
+            stats["seconds_ema_update"] = train.clock(device) - t0
+        return stats
+
     reset_peak_memory(device)
     step()  # warmup
     runs = []
     for _ in range(bench_args.repeats):
         stats, seconds = timed(step, device)
-        parts = {key: stats[key] for key, _ in STEP_PARTS}
+        parts = {key: stats.get(key, 0.0) for key, _ in STEP_PARTS + RULE_PARTS}
         runs.append(dict(parts, seconds_other=seconds - sum(parts.values()), seconds_step=seconds))
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     share = {key: median[key] / median["seconds_step"] for key in median if key != "seconds_step"}
+    teacher_gib = None if teacher is None else sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
     return {"group_size": TRAIN_GROUP_SIZE, "questions": len(records), "gradient_checkpointing": checkpointing,
+            "train_flags": bench_args.train_flags, "teacher_gib": teacher_gib,
             "kl_coef": args.kl_coef, "median_seconds": median, "share_of_step": share,
             "fpl_hsr_share": share["seconds_fpl_hsr"], "fpl_hsr_target": FPL_HSR_TARGET,
             "peak_memory_gib": peak_memory_gib(device), "runs": runs}
@@ -317,11 +350,14 @@ def format_train_step(result, args, device):
     lines = [f"training step: {result['questions']} questions x G={result['group_size']}, up to {args.max_new_tokens} "
              f"new tokens, median of {args.repeats} step(s) after a warmup",
              f"  {'part':<24}{'seconds':>10}{'% of step':>11}"]
-    for key, label in STEP_PARTS + [("seconds_other", "other (untimed glue)")]:
+    rules = [(key, label) for key, label in RULE_PARTS if med[key] > 0]
+    for key, label in STEP_PARTS + rules + [("seconds_other", "other (untimed glue)")]:
         lines.append(f"  {label:<24}{med[key]:>10.3f}{100 * share[key]:>10.1f}%")
     lines.append(f"  {'step (wall)':<24}{med['seconds_step']:>10.3f}{100.0:>10.1f}%")
     if result["peak_memory_gib"] is not None:
         lines.append(f"  peak memory {result['peak_memory_gib']:.2f} GiB")
+    if result["teacher_gib"] is not None:
+        lines.append(f"  the EMA teacher holds {result['teacher_gib']:.3f} GiB (fp32, whole on every process)")
     verdict = "met" if result["fpl_hsr_share"] < FPL_HSR_TARGET else "NOT met"
     lines.append(f"FPL + HSR take {100 * result['fpl_hsr_share']:.1f}% of the step"
                  f" (target < {100 * FPL_HSR_TARGET:.0f}%: {verdict})")
