@@ -142,7 +142,7 @@ def pseudo_labels(kind, emb, texts, group_size):
 def teacher_labels(teacher, tokenizer, prompt, kind, n, dtype, generator, max_new_tokens, temperature, top_p):
     """The EMA teacher's pseudo label of each question: it samples n answers (as the policy does), then
     majority vote or FPL (on its own embeddings) over them. Returns B label texts."""
-    with parallel.gathered(teacher, dtype):  # the teacher is never sharded: autocast over its fp32 weights
+    with parallel.gathered(teacher, dtype):  # sharded: gathered once, in `dtype`; else autocast over fp32
         out = rollout.sample(teacher, tokenizer, prompt, n, max_new_tokens, temperature, top_p, generator)
         emb = None
         if kind == "fpl":

@@ -69,7 +69,7 @@ FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 
 def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags, generator, teacher=None):
     """Write <out_dir>/checkpoint.tmp on every rank (a collective), then swap it in on rank 0 (teacher: the EMA
-    teacher, never sharded, written by rank 0 as teacher.pt)."""
+    teacher, gathered like the policy's weights, written by rank 0 as teacher.pt)."""
     out_dir = Path(out_dir)
     tmp = out_dir / "checkpoint.tmp"
     if parallel.is_rank0():
@@ -78,6 +78,8 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
     parallel.barrier()
     # full fp32 weights on rank 0 (gathered from the shards under FSDP2), every rank's optimizer shard
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    teacher_weights = None if teacher is None else get_model_state_dict(
+        teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     with one_process_is_fine():
         dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer",
                  no_dist=not parallel.dist.is_initialized())
@@ -85,7 +87,7 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
     if parallel.is_rank0():
         policy.save_pretrained(tmp, state_dict=weights)
         if teacher is not None:
-            torch.save(teacher.state_dict(), tmp / "teacher.pt")
+            torch.save(teacher_weights, tmp / "teacher.pt")
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         torch.save({"step": step, "run_flags": run_flags, "sampler_rng": rng_states,

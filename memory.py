@@ -81,7 +81,8 @@ BYTES = {"float32": 4, "bfloat16": 2}
 STATE_KEYS = ["master_weights", "gradients", "adamw_state"]
 PLAN_KEYS = [*STATE_KEYS, "compute_copy", "reference", "activations"]
 LABELS = {"master_weights": "master weights", "gradients": "gradients", "adamw_state": "AdamW state",
-          "compute_copy": "compute copy", "reference": "reference model", "activations": "activations (estimate)"}
+          "compute_copy": "compute copy", "reference": "reference model", "activations": "activations (estimate)",
+          "teacher": "EMA teacher (fp32)"}
 NOT_INCLUDED = "CUDA context, NCCL buffers and allocator overhead not included"
 PATCHES_PER_TOKEN = 4  # 2 x 2 patches of 14 pixels merge into one token
 TEXT_TOKENS = 64  # the chat template, a question and the answer instruction (the README tables)
@@ -156,9 +157,11 @@ def count_parameters(model):
             "trainable": sum(p.numel() for p in distinct if p.requires_grad)}
 
 
-def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference, offload=False, activations=0):
+def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference, offload=False, activations=0,
+                teacher=False):
     """Per-rank GPU bytes of the run (the accounting of the module docstring), keys PLAN_KEYS + "total", and
-    "host_offload": the bytes this rank keeps in host memory with --offload (0 without)."""
+    "host_offload": the bytes this rank keeps in host memory with --offload (0 without). teacher (--ema-teacher):
+    key "teacher" too, the EMA teacher's fp32 weights, sharded like the masters (model.py: bf16 would not move)."""
     if dtype not in BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(BYTES)}")
     if offload and not sharded:
@@ -175,6 +178,7 @@ def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference, of
         "compute_copy": compute_copy,
         "reference": BYTES[dtype] * n_params / shards if reference else 0,
         "activations": activations,
+        **({"teacher": 4 * n_params / shards} if teacher else {}),
     }
     plan["total"] = sum(plan.values())
     plan["host_offload"] = sum(states.values()) if offload else 0
@@ -236,7 +240,7 @@ def run_plan(model, args, world_size, sharded, reference, prompt_tokens, image_t
                            args.dtype)
     counts = count_parameters(model)
     plan = memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded, reference, args.offload,
-                       acts["peak"])
+                       acts["peak"], teacher=args.ema_teacher)
     host = host_plan(counts["total"], plan, min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     return format_plan(plan, world_size, dtype=args.dtype, sharded=sharded, host=host) + (
         f"\n  activations for the longest prompt ({prompt_tokens} tokens, {image_tokens} of them image): "
@@ -254,7 +258,7 @@ def format_plan(plan, world_size, gib=True, dtype=None, sharded=None, host=None)
         setup.append("FSDP2" if sharded else "full replica")
     if plan["host_offload"]:
         setup.append("offload")
-    parts = [f"{LABELS[key]} {plan[key] / scale:.1f} {unit}" for key in PLAN_KEYS]
+    parts = [f"{LABELS[key]} {plan[key] / scale:.1f} {unit}" for key in PLAN_KEYS + ["teacher"] if key in plan]
     text = (f"memory per rank ({', '.join(setup)}): " + ", ".join(parts[:3]) + ",\n  " + ", ".join(parts[3:])
             + f", total {plan['total'] / scale:.1f} {unit} on the GPU; {NOT_INCLUDED}")
     if host is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -177,7 +178,8 @@ def longest_prompt(tokenizer, image_processor, records, prompt_suffix):
 # our default. The teacher is held in fp32, like the policy's masters, and computes in the compute dtype
 # (autocast): in bf16 an EMA step of (1 - a) * (policy - teacher) ~ 1e-2 * 1e-3 of a weight is far below
 # bf16's resolution (~4e-3 relative) and the teacher would never move. Their teacher is also the KL
-# reference; ours is not (the frozen base stays the reference). Not under FSDP (train.check_args refuses).
+# reference; ours is not (the frozen base stays the reference). Under FSDP it is sharded like the policy (fp32
+# shards, the compute dtype on the fly, parallel.load_sharded_teacher): the update is then shard by shard.
 
 
 def load_teacher(name_or_path, device, state_file=None):
@@ -197,7 +199,17 @@ def ema_decay(step, total_steps, start=DEFAULT_EMA_START, end=DEFAULT_EMA_END):
 
 @torch.no_grad()
 def ema_update(teacher, policy, decay):
-    """teacher <- decay * teacher + (1 - decay) * policy, parameter by parameter (matched by name)."""
+    """teacher <- decay * teacher + (1 - decay) * policy, parameter by parameter (matched by name). Sharded
+    (FSDP2), both are sharded alike, so each rank updates its own shard: no communication."""
     policy_params = dict(policy.named_parameters())
     for name, t in teacher.named_parameters():
-        t.mul_(decay).add_(policy_params[name].detach().to(t.dtype), alpha=1.0 - decay)
+        t, p = local_shard(t), local_shard(policy_params[name].detach())
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: the teacher's shard {tuple(t.shape)} and the policy's {tuple(p.shape)} "
+                             f"differ; the two must be sharded alike")
+        t.mul_(decay).add_(p.to(t.dtype), alpha=1.0 - decay)
+
+
+def local_shard(tensor):
+    """This rank's part of a sharded (DTensor) parameter; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

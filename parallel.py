@@ -240,6 +240,15 @@ def shard_reference(reference):
     return shard_units(reference, no_cast, no_cast, OffloadPolicy(), reshard_root=True)
 
 
+def shard_teacher(teacher, dtype):
+    """Shard the EMA teacher (--ema-teacher) like the policy, so that the update pairs shard with shard: fp32
+    shards (model.py: in bf16 the EMA would not move), `dtype` compute, no gradients; every unit, the root
+    included, is freed after its forward."""
+    teacher.requires_grad_(False)
+    return shard_units(teacher, mixed_precision(dtype), mixed_precision(dtype, cast_inputs=False), OffloadPolicy(),
+                       reshard_root=True)
+
+
 def register_as_forward(model):
     """model.run_as_forward(fn, *args) = fn(model, *args), run by FSDP as a forward of the root."""
     model.run_as_forward = types.MethodType(lambda self, fn, *args: fn(self, *args), model)
@@ -320,6 +329,21 @@ def load_sharded(policy_from, reference_from, device, dtype, offload=False, prep
         fill_from_rank0([sharded_reference(reference, device)], state, device)
     tokenizer, image_processor = modeling.load_processors(policy_from)
     return policy, reference, tokenizer, image_processor
+
+
+def load_sharded_teacher(name_or_path, device, dtype, state_file=None):
+    """The EMA teacher, sharded (shard_teacher): rank 0 alone builds it whole on the CPU (model.load_teacher: the
+    start model, on --resume with the checkpoint's teacher.pt) and sends each rank its shards."""
+    state, configs = None, None
+    if is_rank0():
+        full = modeling.load_teacher(name_or_path, torch.device("cpu"), state_file)
+        state = {**dict(full.named_buffers()), **full.state_dict()}  # non-persistent buffers too
+        configs = (full.config, full.generation_config)
+        del full
+    teacher = modeling.empty_model(*broadcast_from_rank0(configs), dtype=torch.float32)
+    teacher = materialize(shard_teacher(teacher, dtype), device, offload=False)
+    fill_from_rank0([teacher], state, device)
+    return teacher
 
 
 def build_everywhere(name_or_path, dtype):

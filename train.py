@@ -111,7 +111,7 @@ def parse_args(argv=None):
                         "for answers equal to the label and -1 + 0.5 * novelty for the others (reward.py)")
     p.add_argument("--ema-teacher", action="store_true",
                    help="Co-rewarding-II (arXiv 2508.00410): the pseudo label comes from an EMA copy of the policy, "
-                        "by majority vote or FPL over its own N samples (model.py); not under FSDP")
+                        "by majority vote or FPL over its own N samples (model.py); fp32, sharded like the policy")
     p.add_argument("--ema-start", type=float, default=modeling.DEFAULT_EMA_START,
                    help="the teacher's EMA decay at the start (Co-rewarding-II: 0.99)")
     p.add_argument("--ema-end", type=float, default=modeling.DEFAULT_EMA_END,
@@ -237,9 +237,9 @@ def check_args(args, world_size, distributed):
                          f"{args.reward} (use exact or hsr)")
     if args.ema_teacher and args.reward in ("entropy", "oracle", "noisy-oracle"):
         raise SystemExit(f"--ema-teacher gives the pseudo label, which --reward {args.reward} does not use")
-    if args.ema_teacher and (args.offload or args.fsdp == "on" or world_size > 1):
-        raise SystemExit("--ema-teacher is not sharded: run one process without FSDP (--fsdp off or auto, no "
-                         "--offload)")
+    if args.ema_teacher and args.offload:
+        raise SystemExit("--ema-teacher with --offload: the teacher is sharded on the device, the policy's "
+                         "masters in host memory; drop --offload")
     if args.stop_on_collapse and not args.eval_every:
         raise SystemExit("--stop-on-collapse reads the evaluations: give --eval-every N as well")
     if args.stop_on_collapse and args.collapse_image_ratio > 0 and not args.image_sensitivity:
@@ -572,9 +572,10 @@ def load_run(args, model_name, labelled, device, rank, world_size, sharded):
     torch.manual_seed(args.seed)
     run = Run(args, policy, reference, tokenizer, image_processor, optimizer, generator, labelled, rank, world_size,
               Path(args.out_dir))
-    if args.ema_teacher:
-        run.teacher = modeling.load_teacher(model_name, device, run.out_dir / "checkpoint" / "teacher.pt"
-                                            if args.resume else None)
+    if args.ema_teacher:  # the start model, or on --resume the checkpoint's teacher.pt; sharded like the policy
+        state_file = run.out_dir / "checkpoint" / "teacher.pt" if args.resume else None
+        run.teacher = (parallel.load_sharded_teacher(model_name, device, dtype, state_file) if sharded
+                       else modeling.load_teacher(model_name, device, state_file))
     step = 0
     if args.resume:
         step = checkpoint.load_trainer_state(run.out_dir, policy, optimizer, generator, rank, args.lr)

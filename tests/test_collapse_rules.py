@@ -4,6 +4,10 @@ the low-consensus filter (RESTRAIN's penalty, EMPO's drop), the entropy reward (
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ import grpo
 import model as modeling
 import reward
 import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------
 # Low-consensus filter
@@ -143,27 +149,39 @@ def test_ema_update_on_a_two_parameter_model():
     assert policy.weight.item() == 1.0 and policy.bias.item() == 2.0  # the policy is untouched
 
 
-def test_the_teacher_is_saved_and_restored(tiny_model_dir, unlabeled_slake_folder, tmp_path):
-    """Step 1 of 1: the saved teacher is a(1) * base + (1 - a(1)) * policy, a(K) = --ema-end = 0.9999. Then the
-    saved teacher is replaced by base + 0.5 and the run resumed for step 2 of 2: the teacher written then is
-    0.9999 * (base + 0.5) + 0.0001 * policy, so the resumed run started from teacher.pt, not from the base."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_teacher_is_saved_and_restored(tiny_model_dir, unlabeled_slake_folder, tmp_path, processes):
+    """--ema-end 0.5. Step 1 of 1: the saved teacher is a(1) * base + (1 - a(1)) * policy, a(K) = --ema-end.
+    Then the saved teacher is replaced by itself + 0.5 and the run resumed for step 2 of 2: the teacher written
+    then is 0.5 * (saved + 0.5) + 0.5 * policy, 0.25 away from both a teacher that did not move and one that
+    restarted from the base, so the resumed run started from teacher.pt and made the update. With 2 processes
+    under torchrun, teacher and policy are FSDP2-sharded: the update is shard by shard, teacher.pt gathered."""
     out = tmp_path / "run"
     args = [*FAST, "--model", str(tiny_model_dir), "--data-root", str(unlabeled_slake_folder), "--out-dir", str(out),
-            "--pseudo-label", "majority", "--reward", "exact", "--ema-teacher"]
-    train.main(args)
+            "--pseudo-label", "majority", "--reward", "exact", "--ema-teacher", "--ema-start", "0.9", "--ema-end",
+            "0.5"]
+    run = train.main if processes == 1 else lambda argv: torchrun(processes, "train.py", *argv)
+    run(args)
     names = [name for name, _ in modeling.load_model(tiny_model_dir, "cpu", torch.float32).named_parameters()]
     base = modeling.load_model(tiny_model_dir, "cpu", torch.float32).state_dict()
     policy = modeling.load_model(out / "checkpoint", "cpu", torch.float32).state_dict()
     saved = torch.load(out / "checkpoint" / "teacher.pt", weights_only=True)
     for k in names:
-        assert torch.allclose(saved[k], 0.9999 * base[k] + 0.0001 * policy[k], atol=1e-6), k
+        assert torch.allclose(saved[k], 0.5 * base[k] + 0.5 * policy[k], atol=1e-6), k
     torch.save({k: v + 0.5 if v.is_floating_point() else v for k, v in saved.items()},  # tied aliases too
                out / "checkpoint" / "teacher.pt")
-    train.main([*args, "--resume", "--max-steps", "2"])
+    run([*args, "--resume", "--max-steps", "2"])
     policy = modeling.load_model(out / "checkpoint", "cpu", torch.float32).state_dict()
     resumed = torch.load(out / "checkpoint" / "teacher.pt", weights_only=True)
     for k in names:
-        assert torch.allclose(resumed[k], 0.9999 * (saved[k] + 0.5) + 0.0001 * policy[k], atol=1e-5), k
+        assert torch.allclose(resumed[k], 0.5 * (saved[k] + 0.5) + 0.5 * policy[k], atol=1e-5), k
+
+
+def torchrun(processes, *argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,5 +214,5 @@ def test_bad_values_of_the_new_flags_are_refused_by_name(tiny_model_dir, tmp_pat
         train.main([*base, "--novelty", "--reward", "entropy"])
     with pytest.raises(SystemExit, match="--ema-end 1.5"):
         train.main([*base, "--ema-teacher", "--ema-end", "1.5"])
-    with pytest.raises(SystemExit, match="--ema-teacher is not sharded"):
-        train.main([*base, "--ema-teacher", "--fsdp", "on"])
+    with pytest.raises(SystemExit, match="--ema-teacher with --offload"):
+        train.main([*base, "--ema-teacher", "--offload"])

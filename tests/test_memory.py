@@ -43,6 +43,13 @@ def test_offload_moves_the_fp32_states_to_the_host():
         memory.memory_plan(N, T, 1, "bfloat16", False, True, offload=True)
 
 
+def test_the_ema_teacher_adds_fp32_weights_sharded_like_the_masters():
+    plan = memory.memory_plan(N, T, W, "bfloat16", True, True, teacher=True)
+    assert plan["teacher"] == 4 * N / W == plan["master_weights"]  # 1000
+    assert plan["total"] == memory.memory_plan(N, T, W, "bfloat16", True, True)["total"] + 1000
+    assert "EMA teacher (fp32) 0.0 GiB" in memory.format_plan(plan, W)
+
+
 def test_memory_plan_one_process_sharded_equals_unsharded_in_bf16():
     assert memory.memory_plan(N, T, 1, "bfloat16", True, True) == memory.memory_plan(N, T, 1, "bfloat16", False, True)
     with pytest.raises(ValueError, match="float16"):
