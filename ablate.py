@@ -324,20 +324,27 @@ def plot_evolution(runs, path):
 def break_even(table, rows):
     """The noisy-oracle sweep: per label accuracy p, the final score and the measured label accuracy (overall
     and on contested groups); p* where the score curve first crosses the base model's (linear between
-    neighbours; None if it never does); and each label-free row's contested hit rate beside it."""
+    neighbours; None if it never does), on the p asked and on the label accuracy measured on contested groups
+    (the scale of a label-free row's contested hit rate); and each label-free row's contested hit rate."""
     base = table["base model (no adaptation)"]["overall"]["mean"]
     sweep = [{"p": float(key.split("-")[1]), "overall": table[name]["overall"], "hit_rate": table[name]["hit_rate"],
               "contested_hit_rate": table[name]["contested_hit_rate"]}
              for key, name, _ in rows if key.startswith("noisy-")]
-    p_star = None
-    for lo, hi in zip(sweep, sweep[1:]):
-        a, b = lo["overall"]["mean"] - base, hi["overall"]["mean"] - base
-        if a < 0 <= b:
-            p_star = lo["p"] + (hi["p"] - lo["p"]) * -a / (b - a)
-            break
+    contested = [(s["contested_hit_rate"]["mean"], s["overall"]["mean"]) for s in sweep if s["contested_hit_rate"]]
     label_free = {name: table[name]["contested_hit_rate"] for key, name, flags in rows
                   if not key.startswith("noisy-") and key != "oracle" and "hit_start" in table[name]}
-    return {"base_overall": base, "sweep": sweep, "p_star": p_star, "label_free_contested_hit_rate": label_free}
+    return {"base_overall": base, "sweep": sweep, "p_star": crossing([(s["p"], s["overall"]["mean"]) for s in sweep],
+                                                                      base),
+            "p_star_contested": crossing(contested, base) if len(contested) == len(sweep) else None,
+            "label_free_contested_hit_rate": label_free}
+
+
+def crossing(points, level):
+    """The first x where the piecewise-linear curve through (x, y) points rises through `level` (None if never)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y0 < level <= y1:
+            return x0 + (x1 - x0) * (level - y0) / (y1 - y0)
+    return None
 
 
 def plot_break_even(result, path):
@@ -570,7 +577,8 @@ def main():
     table = aggregate({key: results[key] for key, _, _ in rows}, rows)
     text = markdown(table, len(run_ids))
     report = {"hparams": HPARAMS if settings is None else {key: hp or "none" for key, hp in hparams.items()},
-              "settings": args.settings, "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
+              "settings": args.settings, "dev_choices": None if settings is None else settings["rows"],
+              "fixed": FIXED, "extra": extra, "base_seeds": args.base_seeds,
               "rl_seeds": args.rl_seeds, "run_ids": run_ids, "base_premises_met": premises_met,
               "rows": table, "runs": results,
               "wall_seconds": time.time() - t_start, "runs_reused": reused,  # reused runs' time is not in it
@@ -603,7 +611,8 @@ def main():
         report["break_even"] = dict(break_even(first, rows + noisy), run_id=run_ids[0],
                                     rows=markdown(first, 1))
         (out / "ablation.json").write_text(json.dumps(report, indent=1))
-        print(f"break-even label accuracy p* = {report['break_even']['p_star']}")
+        print(f"break-even label accuracy p* = {report['break_even']['p_star']} (asked); "
+              f"{report['break_even']['p_star_contested']} (measured on contested groups, %)")
         if not args.no_plot:
             plot_break_even(report["break_even"], out / "break_even.png")
             print(f"wrote {out / 'break_even.png'}")

@@ -202,9 +202,11 @@ def test_break_even_is_where_the_sweep_crosses_the_base_model():
     table = {"base model (no adaptation)": {"overall": cell(70.0)},
              "TTRL": {"overall": cell(60.0), "hit_start": cell(60.0), "contested_hit_rate": cell(45.0)}}
     rows = [("ttrl", "TTRL", [])]
-    for p, score in [("0.5", 60.0), ("0.6", 66.0), ("0.7", 74.0)]:
-        table[f"noisy {p}"] = {"overall": cell(score), "hit_rate": cell(float(p)), "contested_hit_rate": None}
+    for p, score, contested in [("0.5", 60.0, 40.0), ("0.6", 66.0, 50.0), ("0.7", 74.0, 60.0)]:
+        table[f"noisy {p}"] = {"overall": cell(score), "hit_rate": cell(float(p)),
+                               "contested_hit_rate": cell(contested)}
         rows.append((f"noisy-{p}", f"noisy {p}", []))
     result = ablate.break_even(table, rows)
     assert result["p_star"] == pytest.approx(0.6 + 0.1 * 4 / 8)  # 66 -> 74 crosses 70 halfway
+    assert result["p_star_contested"] == pytest.approx(55.0)  # halfway between 50 and 60 measured on contested groups
     assert result["label_free_contested_hit_rate"] == {"TTRL": cell(45.0)}
