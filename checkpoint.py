@@ -77,9 +77,9 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
         tmp.mkdir(parents=True)
     parallel.barrier()
     # full fp32 weights on rank 0 (gathered from the shards under FSDP2), every rank's optimizer shard
-    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    teacher_weights = None if teacher is None else get_model_state_dict(
-        teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(policy, options=full)
+    teacher_weights = None if teacher is None else get_model_state_dict(teacher, options=full)
     with one_process_is_fine():
         dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=tmp / "optimizer",
                  no_dist=not parallel.dist.is_initialized())

@@ -332,26 +332,23 @@ def load_sharded(policy_from, reference_from, device, dtype, offload=False, prep
 
 
 def load_sharded_teacher(name_or_path, device, dtype, state_file=None):
-    """The EMA teacher, sharded (shard_teacher): rank 0 alone builds it whole on the CPU (model.load_teacher: the
-    start model, on --resume with the checkpoint's teacher.pt) and sends each rank its shards."""
-    state, configs = None, None
-    if is_rank0():
-        full = modeling.load_teacher(name_or_path, torch.device("cpu"), state_file)
-        state = {**dict(full.named_buffers()), **full.state_dict()}  # non-persistent buffers too
-        configs = (full.config, full.generation_config)
-        del full
-    teacher = modeling.empty_model(*broadcast_from_rank0(configs), dtype=torch.float32)
+    """The EMA teacher, sharded (shard_teacher): rank 0 alone reads the start model in fp32 (on --resume with the
+    checkpoint's teacher.pt over it, as model.load_teacher does) and sends each rank its shards."""
+    teacher, state = build_everywhere(name_or_path, torch.float32, state_file)
     teacher = materialize(shard_teacher(teacher, dtype), device, offload=False)
     fill_from_rank0([teacher], state, device)
     return teacher
 
 
-def build_everywhere(name_or_path, dtype):
+def build_everywhere(name_or_path, dtype, state_file=None):
     """(model on the meta device, rank 0's full state or None elsewhere). Rank 0 reads the configuration and
-    the weights (in `dtype`) and keeps only the tensors; the other ranks receive the configuration."""
+    the weights (in `dtype`; state_file: a saved state dict loaded over them, as model.load_teacher does) and
+    keeps only the tensors; the other ranks receive the configuration."""
     model, state = None, None
     if is_rank0():
         model = modeling.load_model(name_or_path, torch.device("cpu"), dtype)
+        if state_file is not None:  # the EMA teacher's saved weights over the start model's, strictly
+            model.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
         state = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
     configs = broadcast_from_rank0(None if model is None else (model.config, model.generation_config))
     del model

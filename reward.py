@@ -154,17 +154,13 @@ def compute_rewards(texts, group_size, labels, cos, kind="hsr", refs=None,
     rewards = []
     for i, text in enumerate(texts):
         g = i // group_size
-        pseudo = texts[g * group_size + labels[g]] if refs is None else refs[g]
-        if kind == "hsr":
-            rewards.append(hsr(text, pseudo, float(cos[i]), soft_weight, f1_weight))
-        elif kind == "exact":
-            rewards.append(exact_match(text, pseudo))
-        elif kind == "f1":
-            rewards.append(token_f1(text, pseudo))
-        elif kind == "oracle":
-            rewards.append(exact_match(text, refs[g]))
-        else:  # noisy-oracle
-            rewards.append(hsr(text, refs[g], float(cos[i]), soft_weight, f1_weight))
+        target = texts[g * group_size + labels[g]] if refs is None else refs[g]  # the oracles always have refs
+        if kind in ("hsr", "noisy-oracle"):
+            rewards.append(hsr(text, target, float(cos[i]), soft_weight, f1_weight))
+        elif kind in ("exact", "oracle"):
+            rewards.append(exact_match(text, target))
+        else:  # f1
+            rewards.append(token_f1(text, target))
     return torch.tensor(rewards, dtype=torch.float32)
 
 
