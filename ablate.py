@@ -85,6 +85,7 @@ DEV_LRS = ["1e-5", "3e-5", "1e-4"]
 DEV_EPOCHS = 3
 WINDOW = 10  # steps averaged for "start" and "end" of the hit rate and consensus
 LABEL_QUALITY = ["contested_share", "contested_hit_rate", "contested_greedy_rate", "reward_accuracy", "hit_rate"]
+RULE_LOGS = ["untrusted"]  # share of groups below --consensus-min (RESTRAIN's penalty, EMPO's drop); 0 without it
 METRICS = ["overall", "open_recall", "closed_acc"]
 
 
@@ -174,7 +175,7 @@ def summarise(rows, seconds, monitor_args):
         "consensus_curve": [(r["step"], r["consensus"]) for r in steps],
         "score_curve": [(r["step"], r["overall"]) for r in evals],
         "monitor": monitor_verdict(evals, monitor_args),
-        **{key: mean(r.get(key) for r in steps) for key in LABEL_QUALITY},  # over the whole run
+        **{key: mean(r.get(key) for r in steps) for key in LABEL_QUALITY + RULE_LOGS},  # over the whole run
         "image_sensitivity_curve": [(r["step"], r.get("image_sensitivity")) for r in evals],
         "image_sensitivity_start": evals[0].get("image_sensitivity"),
         "image_sensitivity_end": evals[-1].get("image_sensitivity"),
@@ -231,7 +232,7 @@ def aggregate(results, rows):
             table[name]["dev_choice"] = "no adaptation"
             continue
         for k in ["hit_start", "hit_end", "consensus_start", "consensus_end", "same_question_start",
-                  "same_question_end", "image_sensitivity_start", "image_sensitivity_end", *LABEL_QUALITY]:
+                  "same_question_end", "image_sensitivity_start", "image_sensitivity_end", *LABEL_QUALITY, *RULE_LOGS]:
             values = [r.get(k) for r in runs]
             table[name][k] = spread(values) if None not in values else None
         table[name]["seconds"] = statistics.mean(r["seconds"] for r in runs)
