@@ -32,7 +32,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-import parallel
+from scale import parallel
 import rollout
 from reward import exact_match, normalize_answer
 

@@ -47,13 +47,13 @@ import centroid
 import data
 import model as modeling
 import monitor
-import parallel
+from scale import parallel
 import reward
 import rollout
 from reward import normalize_answer
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-SYNTHETIC_DIR = ARTIFACTS / "synthetic"  # the offline benchmark (tiny.SYNTHETIC_DIR), written by `python tiny.py`
+SYNTHETIC_DIR = ARTIFACTS / "synthetic"  # the offline benchmark (tiny.SYNTHETIC_DIR), written by `python -m models.tiny`
 TINY_BASE_DIR = ARTIFACTS.parent / "models" / "tiny-base-seed0"  # the shipped offline base model (tiny.py)
 
 NUMBER_WORDS = {

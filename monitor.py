@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-import checkpoint
+from scale import checkpoint
 import reward
 import rollout
 

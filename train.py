@@ -47,17 +47,17 @@ from pathlib import Path
 import torch
 
 import centroid
-import checkpoint
+from scale import checkpoint
 import data
 import evaluate
 import grpo
-import memory
+from scale import memory
 import model as modeling
 import monitor
-import parallel
+from scale import parallel
 import reward
 import rollout
-import tiny
+from models import tiny
 
 REPO = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------------

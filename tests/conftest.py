@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import model as modeling  # noqa: E402
-import tiny as offline  # noqa: E402  (the fixture below is called `tiny`)
+from models import tiny as offline  # noqa: E402  (the fixture below is called `tiny`)
 
 CORPUS = [
     "What modality is used to take this image? Answer the question using a single word or phrase.",

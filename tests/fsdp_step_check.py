@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
 import model as modeling  # noqa: E402
-import parallel  # noqa: E402
+from scale import parallel  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 

@@ -23,9 +23,9 @@ from transformers import AutoModelForImageTextToText
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import checkpoint  # noqa: E402
+from scale import checkpoint  # noqa: E402
 import data  # noqa: E402
-import parallel  # noqa: E402
+from scale import parallel  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 

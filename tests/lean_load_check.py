@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import parallel  # noqa: E402
+from scale import parallel  # noqa: E402
 
 
 def status_kib(field):

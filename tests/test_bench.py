@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import bench
+from experiments import bench
 
 
 def test_count_answer_tokens_includes_eos_excludes_padding():

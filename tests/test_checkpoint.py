@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import checkpoint
+from scale import checkpoint
 
 
 def fake_checkpoint(folder, step, complete=True):

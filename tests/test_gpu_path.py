@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
+from experiments import bench
 import evaluate
 import model as modeling
-import parallel
+from scale import parallel
 import rollout
-import tiny
+from models import tiny
 import train
 from conftest import CORPUS
 
@@ -113,7 +113,7 @@ def test_lean_loading_holds_one_copy_on_rank0_and_shards_elsewhere(tmp_path):
 def test_end_worker_skips_the_teardown_only_under_torchrun():
     """A finished torchrun worker ends without the interpreter's teardown (where gloo's surviving threads abort
     it), its output flushed; plain python exits as usual."""
-    code = ("import atexit, parallel; atexit.register(print, 'teardown'); print('done'); parallel.end_worker(); "
+    code = ("import atexit; from scale import parallel; atexit.register(print, 'teardown'); print('done'); parallel.end_worker(); "
             "print('not reached')")
     plain = {k: v for k, v in os.environ.items() if k != "RANK"}
     for env, expected in [(dict(plain, RANK="0"), "done\n"), (plain, "done\nnot reached\nteardown\n")]:

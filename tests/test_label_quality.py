@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-import ablate
+from experiments import ablate
 import centroid
 import data
 import evaluate

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-import memory
+from scale import memory
 
 # ----------------------------------------------------------------------------------------------
 # The plan, by hand: n = 1000 parameters, t = 600 trainable, 4 processes

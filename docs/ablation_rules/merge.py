@@ -18,7 +18,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(DOCS.parent))
-from ablate import paired  # noqa: E402  (the repository root is not a package)
+from experiments.ablate import paired  # noqa: E402  (the repository root is not a package)
 
 PLAIN = {"ttrl-restrain": "ttrl", "ttrl-empo": "ttrl", "ttrl-ema": "ttrl", "evol-rl": "ttrl",
          "medevo-restrain": "medevo", "medevo-ema": "medevo", "medevo-novelty": "medevo"}  # entropy: no plain row

@@ -45,9 +45,9 @@ are ours, not measurements (no GPU has run this code yet).
 Units: GB = 1e9 bytes, GiB = 2**30 bytes. An "80 GB" H100 holds about 85.5e9 bytes, so comparing
 against 80e9 errs on the safe side.
 
-    python memory.py                                 # the README tables: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
-    python memory.py --image-pixels 4194304          # every image at the default --max-pixels cap
-    python memory.py --gpu-memory-gb 141 --sizes 7B --world-sizes 1 2 --freeze-vision
+    python -m scale.memory                                 # the README tables: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
+    python -m scale.memory --image-pixels 4194304          # every image at the default --max-pixels cap
+    python -m scale.memory --gpu-memory-gb 141 --sizes 7B --world-sizes 1 2 --freeze-vision
 """
 
 import argparse

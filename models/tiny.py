@@ -19,10 +19,10 @@ amplify it into another model (README). So the three base models of the frozen r
 new clone starts from the very weights README's numbers were measured on, in seconds. Building stays
 the way to check them:
 
-    python tiny.py                  # build seed 0 from scratch into artifacts/tiny-base, write its report.json
-    python tiny.py --seed 1         # ... into artifacts/tiny-base-seed1 (--out DIR: elsewhere)
-    python tiny.py --verify 0       # rebuild into artifacts/tiny-base-seed0.verify, compare with the shipped one
-    python tiny.py --ship 1         # copy the finished build of seed 1 into models/, rewrite the manifest
+    python -m models.tiny                  # build seed 0 from scratch into artifacts/tiny-base, write its report.json
+    python -m models.tiny --seed 1         # ... into artifacts/tiny-base-seed1 (--out DIR: elsewhere)
+    python -m models.tiny --verify 0       # rebuild into artifacts/tiny-base-seed0.verify, compare with the shipped one
+    python -m models.tiny --ship 1         # copy the finished build of seed 1 into models/, rewrite the manifest
 
 report.json: {"source_validate": {"greedy": S}, "target_test": {"greedy": S, "majority": S, "fpl": S}, ...}
 with S = {"overall", "open_recall", "closed_acc"} in percent; majority / FPL pick one of G = 8 answers
@@ -62,7 +62,7 @@ REPO = evaluate.ARTIFACTS.parent
 SHIPPED_DIR = TINY_BASE_DIR.parent  # models/: tiny-base-seed{0,1,2} and the manifest
 SHIPPED_SEEDS = (0, 1, 2)
 MANIFEST_NAME = "SHA256SUMS"
-BUILD_DIR = evaluate.ARTIFACTS / "tiny-base"  # where `python tiny.py` builds seed 0 (seed S: tiny-base-seedS)
+BUILD_DIR = evaluate.ARTIFACTS / "tiny-base"  # where `python -m models.tiny` builds seed 0 (seed S: tiny-base-seedS)
 MAX_REPORT_DIFF = 0.5  # points: `--verify` fails when a rebuilt report.json score differs by more
 
 # The frozen recipe of the base model (chosen from base-model reports only; README lists the attempts).
@@ -245,7 +245,7 @@ def ensure_synthetic(root=SYNTHETIC_DIR, seed=0):
 
 
 def build_dir(seed):
-    """Where `python tiny.py --seed S` builds: artifacts/tiny-base for seed 0, artifacts/tiny-base-seedS else."""
+    """Where `python -m models.tiny --seed S` builds: artifacts/tiny-base for seed 0, artifacts/tiny-base-seedS else."""
     return BUILD_DIR if seed == 0 else BUILD_DIR.with_name(f"tiny-base-seed{seed}")
 
 
@@ -279,7 +279,7 @@ def ensure_tiny_base(out_dir=BUILD_DIR, data_root=SYNTHETIC_DIR, seed=0, sizes=N
 
 # What to do about a base model of another recipe: a build is rebuilt; the shipped ones are rebuilt and shipped again.
 REBUILD = "delete it and run again, or pass --out (tiny.py) to build elsewhere"
-RESHIP = "tiny.py's recipe changed without a rebuild of the shipped models: python tiny.py --seed S, then --ship S"
+RESHIP = "tiny.py's recipe changed without a rebuild of the shipped models: python -m models.tiny --seed S, then --ship S"
 
 
 def check_recipe(out_dir, seed, sizes, warm, remedy=REBUILD):
@@ -336,7 +336,7 @@ def shipped_model(seed=0, root=SHIPPED_DIR):
     entries = {name: digest for name, digest in read_manifest(root).items() if name.startswith(folder.name + "/")}
     if not entries:
         raise SystemExit(f"no shipped tiny base model of warm-start seed {seed} in {manifest} (shipped: seeds "
-                         f"{', '.join(map(str, SHIPPED_SEEDS))}); build it with python tiny.py --seed {seed} and "
+                         f"{', '.join(map(str, SHIPPED_SEEDS))}); build it with python -m models.tiny --seed {seed} and "
                          f"pass --model {build_dir(seed)}")
     for name, digest in sorted(entries.items()):
         path = Path(root) / name

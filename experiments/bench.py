@@ -19,10 +19,10 @@ bookkeeping decide how long test-time adaptation takes. Two measurements, in one
 Each timing is the median of --repeats runs after one warmup run, under torch.inference_mode for
 the sampler, with the GPU synchronized before the clock is read.
 
-    python bench.py --random-tiny --device cpu --questions 2 --repeats 1    # quick check, no model build
-    python bench.py                                                         # the warm-started tiny model
-    python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda
-    python bench.py --qwen-3b-random --device cuda                          # 3B architecture, random weights
+    python -m experiments.bench --random-tiny --device cpu --questions 2 --repeats 1    # quick check, no model build
+    python -m experiments.bench                                                         # the warm-started tiny model
+    python -m experiments.bench --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda
+    python -m experiments.bench --qwen-3b-random --device cuda                          # 3B architecture, random weights
 
 --qwen-3b-random builds Qwen2.5-VL-3B-Instruct's architecture (its public config, written out in memory.py)
 with random weights, with no download. It borrows a small locally trained tokenizer, so the
@@ -45,10 +45,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
 import data
-import memory
+from scale import memory
 import model as modeling
 import rollout
-import tiny
+from models import tiny
 import train
 
 GROUP_SIZES = (1, 8)  # sampler comparison
@@ -365,7 +365,7 @@ def format_train_step(result, args, device):
         # train.train_step reads time.time() without synchronizing the GPU, so queued kernels of one part
         # are billed to the next part that waits on them; blocking launches make the split exact.
         lines.append("note: on GPU this split is only exact with CUDA_LAUNCH_BLOCKING=1 "
-                     "(e.g. CUDA_LAUNCH_BLOCKING=1 python bench.py --part train); the wall time is exact either way")
+                     "(e.g. CUDA_LAUNCH_BLOCKING=1 python -m experiments.bench --part train); the wall time is exact either way")
     return "\n".join(lines)
 
 

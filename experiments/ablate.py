@@ -14,11 +14,11 @@ of pseudo-labeler, reward and vote size, and reports the final greedy scores on 
 
 Every row runs `train.py` with the same flags (HPARAMS, chosen once on the target-domain `dev` split,
 see README) except the method's; nothing is tuned per row or on `test`. Each row runs on every base
-model (separate warm starts: `python tiny.py --seed S`) and every RL seed. Written to --out:
+model (separate warm starts: `python -m models.tiny --seed S`) and every RL seed. Written to --out:
 table.md, ablation.json (rows -> metrics with mean, std and per-run values; the paired Med-Evo - TTRL
 differences; per question type), evolution.png (with matplotlib), and each run's folder.
 
-    python ablate.py --base-seeds 0 1 2 --rl-seeds 0 --jobs 2 --out runs/ablation     # add --reuse to continue
+    python -m experiments.ablate --base-seeds 0 1 2 --rl-seeds 0 --jobs 2 --out runs/ablation     # add --reuse to continue
 
 Premises before results: each base model's report.json (tiny.py; written first if missing) is checked
 against the premises, and when some base models fail them table.md gives a second table over those that
@@ -37,13 +37,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import checkpoint
+from scale import checkpoint
 import evaluate
 import monitor
-import tiny
+from models import tiny
 import train
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 ROWS = [  # (key, name, train.py flags)
     ("ttrl", "TTRL (majority + exact)", ["--pseudo-label", "majority", "--reward", "exact"]),
     ("fpl-exact", "FPL + exact", ["--pseudo-label", "fpl", "--reward", "exact"]),

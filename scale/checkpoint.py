@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import parallel
+from scale import parallel
 
 # Flags that may differ on --resume; every other flag must equal the checkpoint's.
 RESUME_MAY_CHANGE = {
