@@ -1,39 +1,28 @@
 """Feature-driven Pseudo Labeling (FPL): pick each question's pseudo label from answer embeddings.
 
-Med-Evo (arXiv 2603.07443) replaces TTRL's majority vote over answer strings with
-FPL: every sampled answer is embedded by the policy itself (mean of its last-layer
-hidden states over the answer tokens), the G embeddings of a question are
-L2-normalised and averaged into a group centroid, and the answer closest to that
-centroid (highest cosine) becomes the pseudo label. Answers that say the same thing
-in different words fall into one cluster, so FPL does not need exact string agreement.
+Med-Evo (arXiv 2603.07443), step 3. TTRL takes the majority vote over answer strings; Med-Evo takes FPL:
+every sampled answer is embedded by the policy itself (mean of its last-layer hidden states over the answer
+tokens), the G embeddings of a question are L2-normalised and averaged into a group centroid, and the answer
+closest to that centroid (highest cosine) becomes the pseudo label. Answers that say the same thing in
+different words fall into one cluster, so FPL does not need exact string agreement.
 
-The hidden states come from the same forward pass that gives the policy's
-log-probs for GRPO, so FPL costs no extra forward pass; running that pass with
-output_hidden_states and handing hidden[-1] here is the caller's job.
+The hidden states come from the same teacher-forced pass that gives the policy's log-probs for GRPO
+(rollout.completion_logits_and_hidden), so FPL costs no extra forward pass.
 
-Pseudo labels are targets, not something to differentiate: everything here runs
-under torch.no_grad on detached float32 copies (the model may run in bf16).
+Pseudo labels are targets, not something to differentiate: everything here runs under torch.no_grad on
+detached float32 copies (the model may run in bf16).
 
-majority_vote() is the TTRL baseline over normalised answer strings.
-
-teacher_labels() is Co-rewarding-II's label (arXiv 2508.00410; tmlr-group/Co-rewarding,
-Co-rewarding-II/verl/workers/reward_manager/co_rewarding_II.py): an EMA copy of the policy (model.ema_update)
-samples its own N answers per question and its majority vote is the label the policy's answers are rewarded
-against; with FPL, the teacher's own answer nearest its own centroid (one more teacher forward for its
-hidden states). Their label is the majority of the teacher's boxed answers on the same question
-(data.use_aug=False in their run script).
-
-label_shares() is the vote share of each group's pseudo label (the share of its answers equal to the label
-text): the consensus that the low-consensus filter (RESTRAIN / EMPO, grpo.low_consensus_rule) reads.
+The hand-off to the reward (step 4) is a `PseudoLabels`: one label text per question and each answer's
+cosine to its question's label (HSR's soft tier). `fpl()` and `majority()` make one; `from_texts()` makes one
+for a label that comes from outside the group (the research rules' EMA teacher and noisy oracle, rules/).
 """
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from scale import parallel
-import rollout
 from reward import exact_match, normalize_answer
 
 PSEUDO_LABELS = ("fpl", "majority")  # Med-Evo, TTRL
@@ -118,6 +107,11 @@ def label_texts(texts, group_size, labels):
     return [texts[g * group_size + int(i)] for g, i in enumerate(labels)]
 
 
+def label_of_each_answer(label_texts, group_size):
+    """Each answer's target: the label of its question, repeated for the group's G answers ([B] -> [B*G])."""
+    return [label for label in label_texts for _ in range(group_size)]
+
+
 def label_shares(texts, group_size, label_texts):
     """Vote share of each group's label: the share of its answers equal (normalised, reward.exact_match) to the
     group's label text. texts: B*G answers; label_texts: B -> list of B floats in [0, 1].
@@ -131,64 +125,35 @@ def label_shares(texts, group_size, label_texts):
             for g, label in enumerate(label_texts)]
 
 
+@dataclass
+class PseudoLabels:
+    """One pseudo label per question, and what HSR needs of it."""
+    texts: list  # [B] the label's text
+    cos: torch.Tensor  # [B*N] each answer's cosine to its question's label (HSR's soft tier)
+
+
+def fpl(emb, texts, group_size):
+    """Med-Evo's label: the answer nearest its group's centroid. emb [B*N, D], texts [B*N] -> PseudoLabels."""
+    index = fpl_pseudo_labels(emb, group_size)  # [B]
+    return PseudoLabels(label_texts(texts, group_size, index), cosine_to_pseudo_label(emb, group_size, index))
+
+
+def majority(emb, texts, group_size):
+    """TTRL's label: the most frequent answer (normalised). emb [B*N, D], texts [B*N] -> PseudoLabels."""
+    index = torch.tensor(majority_vote(texts, group_size))  # [B]
+    return PseudoLabels(label_texts(texts, group_size, index), cosine_to_pseudo_label(emb, group_size, index))
+
+
+def from_texts(emb, texts, group_size, labels):
+    """A label chosen outside the group (B texts): each answer's cosine to the first answer equal to it."""
+    return PseudoLabels(list(labels), cosine_to_label_texts(emb, texts, group_size, labels))
+
+
 def pseudo_labels(kind, emb, texts, group_size):
     """Each group's pseudo-label index [B]: "fpl" (Med-Evo) from the embeddings, "majority" (TTRL) from the texts."""
     if kind == "fpl":
         return fpl_pseudo_labels(emb, group_size)
     return torch.tensor(majority_vote(texts, group_size))
-
-
-@torch.no_grad()
-def teacher_labels(teacher, tokenizer, prompt, kind, n, dtype, generator, max_new_tokens, temperature, top_p):
-    """The EMA teacher's pseudo label of each question: it samples n answers (as the policy does), then
-    majority vote or FPL (on its own embeddings) over them. Returns B label texts."""
-    with parallel.gathered(teacher, dtype):  # sharded: gathered once, in `dtype`; else autocast over fp32
-        out = rollout.sample(teacher, tokenizer, prompt, n, max_new_tokens, temperature, top_p, generator)
-        emb = None
-        if kind == "fpl":
-            _, hidden = rollout.completion_logits_and_hidden(teacher, prompt, out.completion_ids,
-                                                             out.completion_mask, n)
-            emb = answer_embeddings(hidden, out.completion_mask)
-    return label_texts(out.texts, n, pseudo_labels(kind, emb, out.texts, n))
-
-
-# ----------------------------------------------------------------------------------------------
-# The noisy oracle: a label of known accuracy, to find the break-even accuracy of a pseudo label
-
-
-def noisy_oracle_labels(texts, group_size, truths, accuracy, draws):
-    """Per group: the truth when its draw < accuracy, else the group's most frequent wrong answer.
-
-    This is an ablation that reads labels (`--reward noisy-oracle --label-accuracy p`), never a method. A
-    wrong answer is one that does not match the truth exactly (normalised): the oracle reward's notion.
-    The wrong label is what a real pseudo label would be when it errs: the group's most frequent wrong
-    answer (first occurrence on ties). A group with no wrong answer keeps the truth (a label chosen from
-    its answers could not be wrong either), so the measured label accuracy is at least p; train.py logs it.
-    texts: B*G answers; truths, draws (uniform in [0, 1)): one per group. Returns B label texts.
-    """
-    check_groups(len(texts), group_size, "noisy_oracle_labels")
-    labels = []
-    for g, (truth, draw) in enumerate(zip(truths, draws)):
-        group = texts[g * group_size:(g + 1) * group_size]
-        wrong = [t for t in group if normalize_answer(t) != normalize_answer(truth)]
-        if draw < accuracy or not wrong:
-            labels.append(truth)
-            continue
-        counts = Counter(normalize_answer(t) for t in wrong)
-        top = max(counts.values())
-        labels.append(next(t for t in wrong if counts[normalize_answer(t)] == top))
-    return labels
-
-
-def oracle_targets(reward_kind, truths, texts, group_size, accuracy, generator):
-    """What an oracle ablation rewards against, one text per group: the truth ("oracle"), a noisy label of
-    accuracy p drawn with `generator` ("noisy-oracle"); None for the label-free rewards."""
-    if reward_kind == "oracle":
-        return truths
-    if reward_kind == "noisy-oracle":
-        draws = torch.rand(len(truths), generator=generator, device=generator.device).tolist()
-        return noisy_oracle_labels(texts, group_size, truths, accuracy, draws)
-    return None
 
 
 @torch.no_grad()

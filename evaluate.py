@@ -29,6 +29,17 @@ Rules (all on normalize_for_eval text: SQuAD normalisation + number words -> dig
            OPEN, 0/1 for CLOSED). Records whose answer is None are skipped and
            counted as n_unlabeled.
 
+What a score is made of (reported beside it, not part of it):
+
+  open_strict   exact match on OPEN questions: the share whose prediction equals the
+                ground truth after normalize_for_eval (evaluate's own normalisation:
+                reward.normalize_answer, then number words -> digits), so "The left
+                lung." matches "Left Lung" but "the lesion is in the left lung" does
+                not, though its open recall is 1.0.
+  answer_words  mean length of the predictions in words (whitespace-separated, as
+                generated), over all questions, labeled or not: a recall that rises
+                with the answer's length is the verbosity open recall rewards.
+
 Run it (greedy answers, then the table; per-question predictions go to a JSONL file):
 
     python evaluate.py --dataset synthetic --model models/tiny-base-seed1      # default: models/tiny-base-seed0
@@ -103,6 +114,16 @@ def open_recall(pred, gt):
     return len(gt_words & pred_words) / len(gt_words)
 
 
+def open_strict(pred, gt):
+    """1.0 if the prediction equals the ground truth after normalize_for_eval, else 0.0."""
+    return float(normalize_for_eval(pred) == normalize_for_eval(gt))
+
+
+def answer_words(pred):
+    """The prediction's length in words (whitespace-separated, as generated)."""
+    return len(pred.split())
+
+
 def answer_text(answer, index):
     """Ground-truth answer as a string (some VQA-RAD answers are stored as numbers)."""
     if isinstance(answer, str):
@@ -127,20 +148,26 @@ def score_predictions(records, preds):
     """Score predictions against records (dicts with 'answer' and 'answer_type' OPEN/CLOSED).
 
     Returns open_recall, closed_acc, overall (fractions in [0, 1], None when there is no
-    question of that kind), n_open, n_closed, n_unlabeled.
+    question of that kind), n_open, n_closed, n_unlabeled, and what they are made of (module
+    docstring): open_strict (a fraction, None without OPEN questions) and answer_words (words
+    per prediction over all records, None without records).
     """
     if len(records) != len(preds):
         raise ValueError(f"score_predictions: {len(records)} records but {len(preds)} predictions")
-    open_scores, closed_scores, n_unlabeled = [], [], 0
+    open_scores, strict_scores, closed_scores, n_unlabeled = [], [], [], 0
     for index, (record, pred) in enumerate(zip(records, preds)):
+        if not isinstance(pred, str):
+            raise TypeError(f"score_predictions: prediction {index} is not a str: {pred!r}")
         if record["answer"] is None:
             n_unlabeled += 1
             continue
-        if not isinstance(pred, str):
-            raise TypeError(f"score_predictions: prediction {index} is not a str: {pred!r}")
-        score = question_score(pred, answer_text(record["answer"], index), record["answer_type"], index)
-        is_open = str(record["answer_type"]).strip().upper() == "OPEN"
-        (open_scores if is_open else closed_scores).append(score)
+        gt = answer_text(record["answer"], index)
+        score = question_score(pred, gt, record["answer_type"], index)
+        if str(record["answer_type"]).strip().upper() == "OPEN":
+            open_scores.append(score)
+            strict_scores.append(open_strict(pred, gt))
+        else:
+            closed_scores.append(score)
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
@@ -152,6 +179,8 @@ def score_predictions(records, preds):
         "n_open": len(open_scores),
         "n_closed": len(closed_scores),
         "n_unlabeled": n_unlabeled,
+        "open_strict": mean(strict_scores),
+        "answer_words": mean([answer_words(p) for p in preds]),
     }
 
 
@@ -195,21 +224,27 @@ def answer_statistics(records, preds):
 
 
 def before_after(before, after):
-    """One line: the scores before and after training."""
-    keys = [("overall", "overall"), ("open_recall", "open recall"), ("closed_acc", "closed accuracy")]
-    return "before -> after: " + ", ".join(f"{name} {100 * before[key]:.2f} -> {100 * after[key]:.2f}"
-                                          for key, name in keys if before[key] is not None)
+    """One line: the scores before and after training (percent), and the answers' length in words. A score
+    missing on either side (None, or an older run's evaluation row without it) is left out."""
+    keys = [("overall", "overall", 100), ("open_recall", "open recall", 100), ("open_strict", "open strict", 100),
+            ("closed_acc", "closed accuracy", 100), ("answer_words", "answer words", 1)]
+    return "before -> after: " + ", ".join(f"{name} {scale * before[key]:.2f} -> {scale * after[key]:.2f}"
+                                          for key, name, scale in keys
+                                          if before.get(key) is not None and after.get(key) is not None)
 
 
 def format_table(scores):
-    """Fixed-width text table of score_predictions() output, metrics in percent."""
+    """Fixed-width text table of score_predictions() output, metrics in percent (answer words: words)."""
     def percent(x):
         return "-" if x is None else f"{100 * x:.2f}"
 
+    words = scores.get("answer_words")
     rows = [
         ("open recall (%)", percent(scores["open_recall"])),
+        ("open strict (%)", percent(scores.get("open_strict"))),
         ("closed accuracy (%)", percent(scores["closed_acc"])),
         ("overall (%)", percent(scores["overall"])),
+        ("answer words", "-" if words is None else f"{words:.2f}"),
         ("n_open", str(scores["n_open"])),
         ("n_closed", str(scores["n_closed"])),
         ("n_unlabeled", str(scores.get("n_unlabeled", 0))),
@@ -310,11 +345,12 @@ def premise_check(model, tokenizer, image_processor, records, samples=8, tempera
         emb = centroid.answer_embeddings(hidden, out.completion_mask)  # [B*N, D]
         single += [question_score(t, batch_truths[i // samples], batch[i // samples]["answer_type"])
                    for i, t in enumerate(out.texts)]
-        for kind, reward_kind in (("majority", "exact"), ("fpl", "hsr")):  # TTRL, Med-Evo
-            labels = centroid.pseudo_labels(kind, emb, out.texts, samples)
-            rewards = reward.compute_rewards(out.texts, samples, labels, centroid.cosine_to_pseudo_label(
-                emb, samples, labels), kind=reward_kind)
-            label_texts = centroid.label_texts(out.texts, samples, labels)
+        for kind in ("majority", "fpl"):  # TTRL (exact match), Med-Evo (HSR)
+            chosen = centroid.majority(emb, out.texts, samples) if kind == "majority" else centroid.fpl(
+                emb, out.texts, samples)
+            label_texts, targets = chosen.texts, centroid.label_of_each_answer(chosen.texts, samples)
+            rewards = (reward.exact_rewards(out.texts, targets) if kind == "majority"
+                       else reward.hsr_rewards(out.texts, targets, chosen.cos))
             found[kind]["labels"] += label_texts
             found[kind]["contested"] += monitor.contested_groups(rewards, samples).tolist()
             found[kind]["agree"] += monitor.reward_agreement(out.texts, samples, label_texts, batch_truths)

@@ -18,33 +18,28 @@ answer's tokens, then over answers, so every answer weighs the same whatever its
 length); agg="token-mean" (DAPO, Yu et al. 2025) averages over all tokens of the
 batch, so long answers weigh more.
 
-Low-consensus groups (low_consensus_rule). A group whose pseudo label holds less than a share kappa of
-its votes is not trusted:
-  "penalize" (RESTRAIN, Yu et al. 2025, arXiv 2510.02172, "negative rollout penalization"): its rewards
-             are set to 0 and every advantage is shifted by -delta,  A~_i = A_i - delta  (A_i = 0 once the
-             rewards are equal), a small push away from all of its answers;
-  "drop"     (EMPO, Zhang et al. 2025, arXiv 2504.05812): the group is left out of the loss (no gradient at
-             all, the KL term included) and out of seq-mean's answer count. EMPO's code (QingyangZhang/EMPO)
-             zeroes the group's rewards instead (no advantage; its KL term stays): in trl/src/open_r1/rewards.py
-             when the answers' semantic entropy reaches log(n) (every answer distinct), in
-             verl-empo/verl/utils/reward_score/empo/compute_metrics.py (entropy_thresholding, commented out
-             there) when the top answer's share is below 0.25, the value the ttrl-empo ablation row uses.
-RESTRAIN thresholds the majority COUNT, M(x) < kappa; we threshold the share M(x) / N, so one kappa fits
-every --label-samples. RESTRAIN's values of kappa and delta were not reachable to us (we found no public
-code, and the paper's hyperparameter appendix was not in our sources); the flags are off by default (kappa = 0), the
-ablation rows use kappa = 0.5 (the label must hold half the votes) and delta = 0.1 (a tenth of a typical
-group-normalised advantage). Its pseudo-label weighting (every distinct answer a label, weighted by a
-function of its vote share) and prompt weighting are not implemented.
+The research rules that change how advantages are formed (RESTRAIN's penalty and EMPO's drop of
+low-consensus groups) live in rules/low_consensus.py; they hand back the same `Advantages` as the plain
+group_advantages does here.
 
 Everything here is written by hand in plain torch; shapes are N answers x T tokens.
 """
+
+from dataclasses import dataclass
 
 import torch
 
 ADV_SCALES = ("std", "none")  # GRPO, Dr. GRPO
 LOSS_AGGS = ("seq-mean", "token-mean")  # GRPO, DAPO
-LOW_CONSENSUS_RULES = ("penalize", "drop")  # RESTRAIN, EMPO
-DEFAULT_PENALTY_DELTA = 0.1  # RESTRAIN's delta was not reachable to us: the module docstring
+
+
+@dataclass
+class Advantages:
+    """What the update needs of the rewards: the hand-off from step 5 to step 7."""
+    rewards: torch.Tensor  # [N] the rewards the advantages were formed from (a rule may change them)
+    advantages: torch.Tensor  # [N]
+    keep: torch.Tensor | None = None  # [N] bool: False on rows left out of the loss (a rule's dropped groups)
+    untrusted: float = 0.0  # share of the groups a rule did not trust (0 without one)
 
 
 def group_advantages(rewards, group_size, scale="std", eps=1e-4):
@@ -66,32 +61,6 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-4):
         advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # round-off in the mean must not leak through
     return advantages.masked_fill(all_equal, 0.0).view(-1)
-
-
-def low_consensus_rule(rewards, shares, group_size, min_share, rule="penalize", delta=DEFAULT_PENALTY_DELTA,
-                       scale="std"):
-    """Rewards, advantages and kept rows after the low-consensus rule: (rewards [N], advantages [N], keep).
-
-    rewards [N] (B groups of group_size); shares: B vote shares of the groups' labels (centroid.label_shares).
-    A group is untrusted when its share < min_share (min_share = 0: none is, and this is group_advantages).
-    "penalize" (RESTRAIN): untrusted rewards -> 0, advantages -> group advantage - delta = -delta;
-    "drop" (EMPO): keep [N] bool, False on untrusted rows (grpo_loss leaves them out); rewards and advantages
-    as usual. keep is None under "penalize" (every row is kept).
-    """
-    if rule not in LOW_CONSENSUS_RULES:
-        raise ValueError(f"low_consensus_rule: unknown rule {rule!r}, expected one of {LOW_CONSENSUS_RULES}")
-    shares = torch.as_tensor(shares, dtype=torch.float32, device=rewards.device)
-    if rewards.dim() != 1 or shares.shape != (rewards.shape[0] // max(group_size, 1),):
-        raise ValueError(f"low_consensus_rule: {tuple(shares.shape)} shares for rewards {tuple(rewards.shape)} "
-                         f"in groups of {group_size}")
-    untrusted = (shares < min_share).repeat_interleave(group_size)  # [N]
-    if rule == "penalize":
-        rewards = rewards.masked_fill(untrusted, 0.0)
-    advantages = group_advantages(rewards, group_size, scale=scale)
-    if rule == "penalize":
-        advantages = advantages - delta * untrusted.float()
-    keep = ~untrusted if rule == "drop" else None
-    return rewards, advantages, keep
 
 
 def token_logprobs(logits, tokens):
@@ -124,7 +93,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=
     old_logp  [N, T] log-probs under the policy that sampled them (no grad)
     ref_logp  [N, T] log-probs under the frozen reference model, or None when kl_coef == 0
     advantages [N], mask [N, T] (1 on answer tokens)
-    keep      [N] bool or None: rows left out (False: a dropped group, low_consensus_rule) give no loss, no
+    keep      [N] bool or None: rows left out (False: a group a rule dropped, Advantages.keep) give no loss, no
               gradient, no statistics, and do not count as answers in seq-mean (per rank, as the mean is)
     stats: python floats kl (masked mean k3; nan when ref_logp is None), clip_frac
     (share of answer tokens where the clipped branch is active), ratio_mean.

@@ -2,11 +2,9 @@
 
 Med-Evo adapts a medical multimodal LLM (the paper uses Qwen2.5-VL-3B/7B-Instruct) at test time.
 `load()` returns (model, tokenizer, image_processor) from a hub name or a local folder, via the plain
-`transformers` Auto classes, bf16 on GPU, fp32 on CPU. The offline tiny base model is built by tiny.py
+`transformers` Auto classes, bf16 on GPU, fp32 on CPU. The offline tiny base model is built by models/tiny.py
 and read back through this same door, exactly like a hub model. `empty_model()` builds the same class on
 the meta device from a configuration (parallel.load_sharded: the ranks that do not read the weights).
-`load_teacher()`, `ema_decay()` and `ema_update()` are the EMA teacher of `train.py --ema-teacher`
-(Co-rewarding-II), a third model beside the policy and the frozen reference: the last section.
 
 Two settings every entry point (train.py, evaluate.py, bench.py) applies before any model runs:
   * `disable_cudnn_attention()`: on CUDA, SDPA's cuDNN backend is switched off. With an explicit
@@ -21,16 +19,15 @@ Two settings every entry point (train.py, evaluate.py, bench.py) applies before 
 """
 
 import copy
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.distributed.tensor import DTensor
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-DEFAULT_EMA_START, DEFAULT_EMA_END = 0.99, 0.9999  # Co-rewarding-II's teacher decay, annealed by cosine
+from data import hub
+
 DEFAULT_MAX_PIXELS = 4194304  # EasyR1 (hiyouga/EasyR1, verl/trainer/config.py: DataConfig.max_pixels)
 PIXEL_FACTOR = 28  # 14-pixel patches, merged 2 x 2: an image side is a multiple of 28, one token per 28 x 28
 
@@ -64,12 +61,17 @@ def load(name_or_path, device=None, dtype=None):
 
 
 def load_model(name_or_path, device, dtype):
-    return AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype).to(device)
+    """The model; a hub name that cannot be had is a one-line SystemExit (data.hub.model_errors)."""
+    with hub.model_errors(name_or_path):
+        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype)
+    return model.to(device)
 
 
 def load_processors(name_or_path):
-    """(tokenizer, image_processor): small files, read by every rank."""
-    return AutoTokenizer.from_pretrained(str(name_or_path)), AutoImageProcessor.from_pretrained(str(name_or_path))
+    """(tokenizer, image_processor): small files, read by every rank. A hub name that cannot be had is a
+    one-line SystemExit (data.hub.model_errors)."""
+    with hub.model_errors(name_or_path):
+        return AutoTokenizer.from_pretrained(str(name_or_path)), AutoImageProcessor.from_pretrained(str(name_or_path))
 
 
 def empty_model(config, generation_config, dtype):
@@ -161,55 +163,3 @@ def longest_prompt(tokenizer, image_processor, records, prompt_suffix):
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         text = max(text, len(tokenizer(chat, add_special_tokens=False)["input_ids"]) - 1)  # less the one image pad
     return text + image, image
-
-
-# ----------------------------------------------------------------------------------------------
-# The EMA teacher (Co-rewarding-II, arXiv 2508.00410; code tmlr-group/Co-rewarding, Co-rewarding-II/)
-#
-# A slow copy of the policy whose own answers give the pseudo label (train.teacher_labels), so that the
-# label cannot simply follow the policy's drift. After every GRPO step:
-#     teacher <- a * teacher + (1 - a) * policy,   a(k) = end + (start - end) * (1 + cos(pi * k / K)) / 2
-# k = steps done (1..K), K = the run's steps: a goes from start (k = 0) to end (k = K) by a cosine.
-# Their code (verl/workers/sharding_manager/fsdp_vllm.py, _update_ref_model_sliding_average and update_alpha)
-# writes it with the policy's weight 1 - a: ref <- alpha * policy + (1 - alpha) * ref, alpha annealed by the
-# same cosine over t = step - 1 from alpha_start to alpha_end, before each rollout (update_interval 1), so
-# the update before step k + 1 uses t = k, as ours after step k does. Their run script
-# (run_corewarding-II.sh) uses alpha 0.01 -> 1e-5, i.e. a = 0.99 -> 0.99999; the paper's 0.99 -> 0.9999 is
-# our default. The teacher is held in fp32, like the policy's masters, and computes in the compute dtype
-# (autocast): in bf16 an EMA step of (1 - a) * (policy - teacher) ~ 1e-2 * 1e-3 of a weight is far below
-# bf16's resolution (~4e-3 relative) and the teacher would never move. Their teacher is also the KL
-# reference; ours is not (the frozen base stays the reference). Under FSDP it is sharded like the policy (fp32
-# shards, the compute dtype on the fly, parallel.load_sharded_teacher): the update is then shard by shard.
-
-
-def load_teacher(name_or_path, device, state_file=None):
-    """The EMA teacher: the start model in fp32, frozen, in eval mode; its weights from `state_file` (a
-    checkpoint's teacher.pt) on --resume."""
-    teacher = load_model(name_or_path, device, torch.float32).eval().requires_grad_(False)
-    if state_file is not None:
-        teacher.load_state_dict(torch.load(state_file, map_location=device, weights_only=True))
-    return teacher
-
-
-def ema_decay(step, total_steps, start=DEFAULT_EMA_START, end=DEFAULT_EMA_END):
-    """The teacher's decay after `step` of `total_steps` GRPO steps: start at 0, end at total_steps, cosine."""
-    k = min(max(step, 0), total_steps)
-    return end + (start - end) * (1.0 + math.cos(math.pi * k / max(total_steps, 1))) / 2.0
-
-
-@torch.no_grad()
-def ema_update(teacher, policy, decay):
-    """teacher <- decay * teacher + (1 - decay) * policy, parameter by parameter (matched by name). Sharded
-    (FSDP2), both are sharded alike, so each rank updates its own shard: no communication."""
-    policy_params = dict(policy.named_parameters())
-    for name, t in teacher.named_parameters():
-        t, p = local_shard(t), local_shard(policy_params[name].detach())
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: the teacher's shard {tuple(t.shape)} and the policy's {tuple(p.shape)} "
-                             f"differ; the two must be sharded alike")
-        t.mul_(decay).add_(p.to(t.dtype), alpha=1.0 - decay)
-
-
-def local_shard(tensor):
-    """This rank's part of a sharded (DTensor) parameter; a plain tensor as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

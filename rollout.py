@@ -12,7 +12,10 @@ Three pieces, top to bottom:
                        per-row EOS stop. temperature=0 is greedy and equals `model.generate`.
   3. `completion_logits_and_hidden` - one teacher-forced pass over prompt + answers, giving the
                        logits that GRPO needs (in fp32: `answer_logits`) and the last-layer hidden
-                       states FPL needs. Under FSDP it runs as one registered forward (parallel.as_forward).
+                       states FPL needs. Each prompt is encoded once for its G answers (one packed row
+                       per question under a 4-D mask, with sdpa / eager attention; flash-attention
+                       repeats the prompt per answer). Under FSDP it runs as one registered forward
+                       (parallel.as_forward).
 
 Qwen2.5-VL uses 3-D rotary positions (temporal, height, width): text tokens advance all three
 together, the image tokens of a grid share a start and spread over height and width. So after the
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from data import open_image  # re-exported: rollout.open_image is the reader every stage uses
+from scale import parallel
 
 DEFAULT_PROMPT_SUFFIX = " Answer the question using a single word or phrase."
 
@@ -208,22 +212,70 @@ def generate_answers(model, tokenizer, image_processor, records, batch_size=16, 
 # ----------------------------------------------------------------------------------------------
 # 3. Teacher-forced pass over prompt + answers (GRPO's log-probs, FPL's features, warm start's loss)
 
+# Attention implementations that take a ready 4-D mask unchanged (transformers 5.23: create_causal_mask returns a
+# 4-D mask as it is; sdpa hands a bool mask to torch's scaled_dot_product_attention, eager adds a float one to the
+# scores). flash_attention_2/3 read any mask as a [B, S] padding mask and flex_attention wants a BlockMask, so
+# they (and any other) take the unshared pass.
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+_notices_printed = set()
+
 
 def completion_logits_and_hidden(model, prompt, completion_ids, completion_mask, group_size):
-    """Logits predicting each answer token [N, T, V] and the hidden states at those tokens [N, T, D].
+    """Logits predicting each answer token [N, T, V] (fp32) and the hidden states at those tokens [N, T, D].
 
-    The vision tower runs once per question; the merged image embeddings are then repeated for
-    the G answers of the group. `hidden` is the last decoder layer's output (after the final norm)
-    at the answer tokens themselves: FPL averages it over each answer, at no extra forward pass.
+    N = B x G: the G answers of question b are rows b*G .. b*G+G-1. The vision tower runs once per question
+    and, with sdpa or eager attention, the language model reads each prompt once too: one packed row per
+    question, [prompt | answer 1 | ... | answer G], where every answer sees the prompt and its own earlier
+    tokens only (`completion_logits_and_hidden_shared`). Other attention implementations cannot take that
+    mask and repeat the prompt for each answer (`completion_logits_and_hidden_unshared`, a notice says so once).
+    Both give the same numbers to floating-point rounding. With G = 1 there is nothing to share and the two
+    layouts hold the same tokens, so the unshared pass runs (no 4-D mask; the warm start of models/tiny.py
+    computes as it did when the shipped base models were built). `hidden` is the last decoder layer's output
+    (after the final norm) at the answer tokens themselves: FPL averages it over each answer, at no extra
+    forward pass.
     """
-    input_ids, attention_mask = prompt["input_ids"], prompt["attention_mask"]  # [B, L]
-    B, L = input_ids.shape
-    embed = model.get_input_embeddings()
-    prompt_embeds = embed(input_ids)  # [B, L, D]
+    if group_size == 1:
+        return completion_logits_and_hidden_unshared(model, prompt, completion_ids, completion_mask, group_size)
+    refusal = shared_prefix_refusal(model)
+    if refusal is None:
+        return completion_logits_and_hidden_shared(model, prompt, completion_ids, completion_mask, group_size)
+    if refusal not in _notices_printed:
+        _notices_printed.add(refusal)
+        print(f"note: {refusal}; the teacher-forced pass repeats each prompt for its {group_size} answers "
+              f"(no prefix sharing)", flush=True)
+    return completion_logits_and_hidden_unshared(model, prompt, completion_ids, completion_mask, group_size)
+
+
+def shared_prefix_refusal(model):
+    """None when the language model can run the shared-prefix layout, else why not (one line)."""
+    config = model.model.language_model.config  # the config its attention layers read
+    implementation = config._attn_implementation
+    if implementation not in SHARED_PREFIX_ATTENTION:
+        return f"attention {implementation!r} takes no 4-D attention mask"
+    sliding = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention"})
+    if sliding:  # a ready 4-D mask would replace the sliding-window mask of those layers
+        return f"layer types {sliding} need their own masks"
+    return None
+
+
+def prompt_embeddings(model, prompt):
+    """The prompt's input embeddings [B, L, D] with the merged image embeddings in place (vision tower once)."""
+    prompt_embeds = model.get_input_embeddings()(prompt["input_ids"])  # [B, L, D]
     image_embeds = torch.cat(
         model.model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output)
     image_mask = (prompt["mm_token_type_ids"] == 1).unsqueeze(-1)
-    prompt_embeds = prompt_embeds.masked_scatter(image_mask, image_embeds.to(prompt_embeds.dtype))
+    return prompt_embeds.masked_scatter(image_mask, image_embeds.to(prompt_embeds.dtype))
+
+
+def completion_logits_and_hidden_unshared(model, prompt, completion_ids, completion_mask, group_size):
+    """completion_logits_and_hidden with each prompt repeated for its G answers: [N, L+T] rows.
+
+    The language model recomputes every prompt G times; kept as the reference of the shared layout (tests, bench)
+    and as the pass of G = 1 and of attention implementations that take no 4-D mask (flash-attention).
+    """
+    input_ids, attention_mask = prompt["input_ids"], prompt["attention_mask"]  # [B, L]
+    B, L = input_ids.shape
+    prompt_embeds = prompt_embeddings(model, prompt)  # [B, L, D]
 
     positions, next_position = prompt_positions(model, prompt)  # [3, B, L], [B]
     T = completion_ids.shape[1]
@@ -231,12 +283,80 @@ def completion_logits_and_hidden(model, prompt, completion_ids, completion_mask,
     positions = torch.cat([positions, answer_positions.unsqueeze(0).expand(3, B, T)], dim=2)  # [3, B, L+T]
     positions = positions.repeat_interleave(group_size, dim=1)  # [3, N, L+T]
 
+    embed = model.get_input_embeddings()
     inputs_embeds = torch.cat([prompt_embeds.repeat_interleave(group_size, dim=0), embed(completion_ids)], dim=1)
     mask = torch.cat([attention_mask.repeat_interleave(group_size, dim=0), completion_mask], dim=1)  # [N, L+T]
     hidden = model.model.language_model(
         inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, L+T, D]
     return answer_logits(model, hidden[:, L - 1 : L + T - 1]), hidden[:, L:]  # position i predicts answer token i
+
+
+def completion_logits_and_hidden_shared(model, prompt, completion_ids, completion_mask, group_size):
+    """completion_logits_and_hidden with each prompt encoded once (Prefix Grouper, arXiv 2506.05433).
+
+    One row per question, [prompt (L, left-padded) | answer 1 (T) | ... | answer G (T)], S = L + G*T tokens
+    instead of G*(L+T), under a [B, 1, S, S] mask (`shared_prefix_mask`): the prompt is causal over its real
+    tokens, each answer sees the prompt's real tokens and its own real earlier tokens, never another answer.
+    Answer token i of every answer sits at rotary position next_position + i (the position it has after the
+    prompt alone), not at its packed index. Since prompts are left-padded, index L-1 is every prompt's last
+    token: its hidden state predicts the first token of each of the G answers. No KV cache: gradient
+    checkpointing (transformers' GradientCheckpointingLayer) drops any cache passed to a layer.
+    Memory: the mask is B S^2 bools, and SDPA makes an additive copy of it in the compute dtype in every layer,
+    which it keeps for backward (scale/memory.py counts both); with a mask, CUDA's SDPA runs its memory-efficient
+    kernel rather than flash, as the unshared pass already did whenever a prompt was padded.
+    """
+    input_ids, attention_mask = prompt["input_ids"], prompt["attention_mask"]  # [B, L]
+    B, L = input_ids.shape
+    N, T = completion_ids.shape
+    G = group_size
+    if N != B * G:
+        raise ValueError(f"{N} answer rows for {B} prompts x group size {G}")
+    prompt_embeds = prompt_embeddings(model, prompt)  # [B, L, D]
+    D = prompt_embeds.shape[-1]
+    answer_embeds = model.get_input_embeddings()(completion_ids)  # [N, T, D]
+    inputs_embeds = torch.cat([prompt_embeds, answer_embeds.reshape(B, G * T, D)], dim=1)  # [B, S, D]
+
+    positions, next_position = prompt_positions(model, prompt)  # [3, B, L], [B]
+    answer_positions = (next_position[:, None] + torch.arange(T, device=input_ids.device)).repeat(1, G)  # [B, G*T]
+    positions = torch.cat([positions, answer_positions.unsqueeze(0).expand(3, B, G * T)], dim=2)  # [3, B, S]
+
+    mask = shared_prefix_mask(attention_mask, completion_mask.reshape(B, G * T), G)  # [B, 1, S, S] bool
+    if model.model.language_model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = additive_mask(mask, inputs_embeds.dtype)
+    hidden = model.model.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state  # [B, S, D]
+
+    answers = hidden[:, L:].reshape(B, G, T, D)
+    last_prompt = hidden[:, L - 1 : L].unsqueeze(1).expand(B, G, 1, D)  # predicts every answer's first token
+    before = torch.cat([last_prompt, answers[:, :, : T - 1]], dim=2)  # position i predicts answer token i
+    return answer_logits(model, before.reshape(N, T, D)), answers.reshape(N, T, D)
+
+
+def shared_prefix_mask(prompt_mask, answer_mask, group_size):
+    """[B, 1, S, S] bool, True where a query (row) may attend to a key (column), S = L + G*T.
+
+    prompt_mask [B, L] (left padding 0), answer_mask [B, G*T] (the G answers' masks side by side, 0 after EOS).
+    Key j is visible from query q when j <= q, j is a real token, and j is in the prompt or in q's own answer:
+    the causal padding mask the unshared pass builds for each [prompt | answer] row, cut out of one packed row.
+    """
+    B, L = prompt_mask.shape
+    S = L + answer_mask.shape[1]
+    T = answer_mask.shape[1] // group_size
+    device = prompt_mask.device
+    segment = torch.cat([torch.zeros(L, dtype=torch.long, device=device),
+                         torch.arange(1, group_size + 1, device=device).repeat_interleave(T)])  # 0: prompt, k: answer k
+    index = torch.arange(S, device=device)
+    allowed = (index[None, :] <= index[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    real = torch.cat([prompt_mask, answer_mask], dim=1).bool()  # [B, S]
+    return allowed[None, None] & real[:, None, None, :]
+
+
+def additive_mask(mask, dtype):
+    """A bool mask as eager attention adds it to the scores: 0 where allowed, the dtype's minimum elsewhere
+    (masking_utils.eager_mask's conversion)."""
+    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
 
 def answer_logits(model, hidden):
@@ -250,3 +370,27 @@ def answer_logits(model, hidden):
     with torch.autocast(hidden.device.type, enabled=False):
         return torch.nn.functional.linear(hidden.float(), head.weight.float(), None if head.bias is None else
                                           head.bias.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The teacher-forced pass of a step, and the answers GRPO trains on
+
+
+def teacher_forced(model, prompt, out, group_size, dtype):
+    """Logits [N, T, V] (fp32) and hidden states [N, T, D] of a rollout's answers, in the compute dtype;
+    sharded, the whole pass is one registered FSDP forward (parallel.as_forward)."""
+    with parallel.compute_precision(model, dtype):
+        return parallel.as_forward(model, completion_logits_and_hidden, prompt, out.completion_ids,
+                                   out.completion_mask, group_size)
+
+
+def select_rows(out, rows):
+    """The sub-rollout of the given answer rows."""
+    return Rollout(out.completion_ids[rows], out.completion_mask[rows], [out.texts[r] for r in rows])
+
+
+def first_of_each_group(out, label_samples, group_size):
+    """The G answers of each question that GRPO trains on: the first G of its N label samples."""
+    if label_samples == group_size:
+        return out
+    return select_rows(out, [r for r in range(len(out.texts)) if r % label_samples < group_size])

@@ -23,6 +23,9 @@ SLAKE loader. Loading prints one summary line, e.g.
 
     slake/test: 1061 questions (645 OPEN, 416 CLOSED) from /data/slake/test.json
 
+Without --data-root, `resolve_root` looks in datasets/NAME; a missing datasets/slake is fetched from the
+Hugging Face Hub (BoKelvin/SLAKE, through huggingface_hub: data/hub.py), the others are asked for.
+
 A split that comes out empty (e.g. lang="en" on Chinese-only questions) is a ValueError saying why.
 Images are read with `data.open_image` (data/images.py: 16-bit scans windowed to 8 bits), and
 `data.check_images_open(records, source)` decodes every image of a split in seconds, before any
@@ -33,7 +36,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import path_vqa, slake, vqa_rad
+from . import hub, path_vqa, slake, vqa_rad
 from .images import open_image
 
 DATASETS = ("slake", "vqa_rad", "path_vqa", "synthetic")
@@ -50,7 +53,8 @@ DATA_LAYOUTS = {
 
 def resolve_root(name, data_root, default_parent, synthetic_dir):
     """The dataset folder: --data-root if given (it must exist), else default_parent/NAME (synthetic:
-    synthetic_dir, written on first use). A missing folder is a SystemExit that names the flag."""
+    synthetic_dir, written on first use; slake: fetched from the Hub when missing, data/hub.py). A missing
+    folder is a SystemExit that names the flag."""
     if data_root is not None:
         root = Path(data_root)
         if not root.is_dir():
@@ -61,6 +65,8 @@ def resolve_root(name, data_root, default_parent, synthetic_dir):
     if name == "synthetic":
         return Path(synthetic_dir)
     root = Path(default_parent) / name
+    if not root.is_dir() and name == "slake":
+        return hub.fetch_slake(root)
     if not root.is_dir():
         raise SystemExit(f"--dataset {name}: no --data-root given and the default folder {root} does not "
                          f"exist; put {DATA_LAYOUTS[name]} there, or pass --data-root PATH")

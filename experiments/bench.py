@@ -19,6 +19,15 @@ bookkeeping decide how long test-time adaptation takes. Two measurements, in one
 Each timing is the median of --repeats runs after one warmup run, under torch.inference_mode for
 the sampler, with the GPU synchronized before the clock is read.
 
+`--passes` measures instead the teacher-forced pass (rollout.completion_logits_and_hidden) with each prompt
+encoded once for its G = 8 answers (`_shared`, one packed row per question under a 4-D mask) against once per
+answer (`_unshared`): forward + backward and no-grad forward seconds, the bytes autograd saves for backward
+(saved_tensors_hooks, distinct storages, parameters excluded) and the ratios, on (a) the shipped tiny base model
+(synthetic test questions) and (b) a wider random Qwen2.5-VL (text hidden 256, 4 layers) with 532 x 532
+images, i.e. ~400-token prompts, a real prompt's length:
+
+    OMP_NUM_THREADS=1 python -m experiments.bench --passes --device cpu --repeats 3
+
     python -m experiments.bench --random-tiny --device cpu --questions 2 --repeats 1    # quick check, no model build
     python -m experiments.bench                                                         # the warm-started tiny model
     python -m experiments.bench --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda
@@ -45,11 +54,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
 import data
-from scale import memory
 import model as modeling
 import rollout
-from models import tiny
+import rules
 import train
+from harness import setup
+from models import tiny
+from rules import ema_teacher
+from scale import memory, parallel
 
 GROUP_SIZES = (1, 8)  # sampler comparison
 TRAIN_GROUP_SIZE = 8  # the training step
@@ -88,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--train-flags", default="",
                    help="train.py flags for the training-step part, with '=', e.g. --train-flags=\"--pseudo-label "
                         "majority --reward exact --ema-teacher\": what a row's rules add to a step (README)")
+    p.add_argument("--passes", action="store_true",
+                   help="instead: time the teacher-forced pass with each prompt encoded once for its G=8 answers "
+                        "(shared prefix) against once per answer, on the tiny base model and a wider random model "
+                        "with ~400-token prompts (--questions per batch, --max-new-tokens answer tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="where the results are written as JSON")
     modeling.add_pixel_flags(p)
@@ -97,6 +113,8 @@ def parse_args(argv=None):
         raise SystemExit("--random-tiny and --qwen-3b-random each pick the model: give one of them")
     if (args.random_tiny or args.qwen_3b_random) and args.model != "tiny":
         raise SystemExit(f"--model {args.model} cannot be combined with --random-tiny or --qwen-3b-random")
+    if args.passes and (args.random_tiny or args.qwen_3b_random or args.model != "tiny"):
+        raise SystemExit("--passes runs its own two models (the tiny base and a wider random one): no other model flag")
     if args.qwen_layers and not args.qwen_3b_random:
         raise SystemExit("--qwen-layers only applies to --qwen-3b-random")
     for flag in ["questions", "max_new_tokens", "repeats", "image_size"]:
@@ -297,13 +315,6 @@ RULE_PARTS = [  # present only when a --train-flags rule runs them
 ]
 
 
-def training_setup(policy, args, device):
-    """Reference copy, gradient checkpointing and optimizer as train.main sets them up."""
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
-    optimizer = train.prepare_policy(policy, args, device)
-    return reference, optimizer, policy.is_activation_checkpointing
-
-
 def train_step_args(bench_args):
     """train.py's flags for the measured step: G = 8, the bench's batch, then --train-flags (later wins)."""
     return train.parse_args(["--group-size", str(TRAIN_GROUP_SIZE), "--max-new-tokens", str(bench_args.max_new_tokens),
@@ -313,19 +324,19 @@ def train_step_args(bench_args):
 
 def bench_train_step(policy, tokenizer, image_processor, records, bench_args, device):
     args = train_step_args(bench_args)
-    # --ema-teacher: the EMA copy of the policy, fp32 and frozen as model.load_teacher makes it
+    # --ema-teacher: the EMA copy of the policy, fp32 and frozen as rules.ema_teacher.load makes it
     teacher = copy.deepcopy(policy).float().eval().requires_grad_(False) if args.ema_teacher else None
-    reference, optimizer, checkpointing = training_setup(policy, args, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    answers = [r["answer"] for r in records]  # for the hit-rate diagnostic only (NaN when None)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    run = setup.make_run(args, policy, tokenizer, image_processor, reference, teacher, device, labelled=records)
+    checkpointing = policy.is_activation_checkpointing
+    step_records = run.labelled if rules.reads_labels(args) else [dict(r, answer=None) for r in records]
 
     def step():  # one step as train.train_loop runs it, the teacher's EMA update included
-        stats = train.train_step(policy, reference, optimizer, tokenizer, image_processor, records, answers, args,
-                                 generator, teacher=teacher)
+        stats, _ = train.train_step(run, step_records)
         if teacher is not None:
-            t0 = train.clock(device)
-            modeling.ema_update(teacher, policy, modeling.DEFAULT_EMA_START)  # its cost does not depend on the decay
-            stats["seconds_ema_update"] = train.clock(device) - t0
+            t0 = parallel.clock(device)
+            ema_teacher.ema_update(teacher, policy, ema_teacher.DEFAULT_START)  # its cost does not depend on the decay
+            stats["seconds_ema_update"] = parallel.clock(device) - t0
         return stats
 
     reset_peak_memory(device)
@@ -350,8 +361,8 @@ def format_train_step(result, args, device):
     lines = [f"training step: {result['questions']} questions x G={result['group_size']}, up to {args.max_new_tokens} "
              f"new tokens, median of {args.repeats} step(s) after a warmup",
              f"  {'part':<24}{'seconds':>10}{'% of step':>11}"]
-    rules = [(key, label) for key, label in RULE_PARTS if med[key] > 0]
-    for key, label in STEP_PARTS + rules + [("seconds_other", "other (untimed glue)")]:
+    rule_parts = [(key, label) for key, label in RULE_PARTS if med[key] > 0]
+    for key, label in STEP_PARTS + rule_parts + [("seconds_other", "other (untimed glue)")]:
         lines.append(f"  {label:<24}{med[key]:>10.3f}{100 * share[key]:>10.1f}%")
     lines.append(f"  {'step (wall)':<24}{med['seconds_step']:>10.3f}{100.0:>10.1f}%")
     if result["peak_memory_gib"] is not None:
@@ -361,12 +372,154 @@ def format_train_step(result, args, device):
     verdict = "met" if result["fpl_hsr_share"] < FPL_HSR_TARGET else "NOT met"
     lines.append(f"FPL + HSR take {100 * result['fpl_hsr_share']:.1f}% of the step"
                  f" (target < {100 * FPL_HSR_TARGET:.0f}%: {verdict})")
-    if device.type == "cuda" and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
-        # train.train_step reads time.time() without synchronizing the GPU, so queued kernels of one part
-        # are billed to the next part that waits on them; blocking launches make the split exact.
-        lines.append("note: on GPU this split is only exact with CUDA_LAUNCH_BLOCKING=1 "
-                     "(e.g. CUDA_LAUNCH_BLOCKING=1 python -m experiments.bench --part train); the wall time is exact either way")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Teacher-forced passes: each prompt encoded once for its G answers (shared prefix) or once per answer
+
+PASS_GROUP_SIZE = 8
+WIDE_IMAGE_SIZE = 532  # 38 x 38 patches -> 361 image tokens: a prompt of about 400 tokens, as a 512-pixel scan gives
+WIDE_SIZES = dict(hidden=256, layers=4, heads=4, vision_hidden=128, vision_depth=2)
+PASSES = [("unshared", rollout.completion_logits_and_hidden_unshared),
+          ("shared", rollout.completion_logits_and_hidden_shared)]
+
+
+def saved_for_backward(model, fn):
+    """(fn(), bytes autograd keeps for backward, of which the language model's): the distinct storages its graph
+    saves, parameters excluded."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, in_language_model, language_model = {}, [False], model.model.language_model
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = (storage.nbytes(), in_language_model[0])
+        return t
+
+    hooks = [language_model.register_forward_pre_hook(lambda *_: in_language_model.__setitem__(0, True)),
+             language_model.register_forward_hook(lambda *_: in_language_model.__setitem__(0, False))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, sum(n for n, _ in saved.values()), sum(n for n, inside in saved.values() if inside)
+
+
+def pass_answers(model, tokenizer, prompt, group_size, max_new_tokens, seed):
+    """Sampled answers [B*G, T] (padded to T columns), the same for both passes."""
+    out = rollout.sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
+                         generator=torch.Generator(device=prompt["input_ids"].device).manual_seed(seed))
+    ids, mask = out.completion_ids, out.completion_mask
+    missing = max_new_tokens - ids.shape[1]  # every row stopped early
+    if missing:
+        ids = torch.nn.functional.pad(ids, (0, missing), value=tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, missing), value=0)
+    return ids, mask
+
+
+def bench_passes(model, tokenizer, prompt, args, device):
+    """Unshared vs shared teacher-forced pass: forward + backward and no-grad forward seconds (median of
+    --repeats after a warmup), bytes saved for backward, peak memory on GPU; the ratios unshared / shared."""
+    G = PASS_GROUP_SIZE
+    ids, mask = pass_answers(model, tokenizer, prompt, G, args.max_new_tokens, args.seed)
+    B, L = prompt["input_ids"].shape
+    T = ids.shape[1]
+
+    def forward_backward(fn):
+        model.zero_grad(set_to_none=True)
+        (logits, hidden), *saved = saved_for_backward(model, lambda: fn(model, prompt, ids, mask, G))
+        (logits.mean() + hidden.float().mean()).backward()
+        return logits.detach(), hidden.detach(), saved
+
+    def forward(fn):
+        with torch.no_grad():
+            return fn(model, prompt, ids, mask, G)
+
+    results, outputs = {}, {}
+    for name, fn in PASSES:
+        model.train()  # dropout is 0: the same numbers as eval, the training pass's code path
+        reset_peak_memory(device)
+        logits, hidden, (saved, saved_language_model) = forward_backward(fn)  # warmup; what it keeps for backward
+        peak = peak_memory_gib(device)
+        outputs[name] = (logits, hidden)
+        train_seconds = statistics.median(timed(lambda: forward_backward(fn), device)[1] for _ in range(args.repeats))
+        model.eval()
+        forward(fn)  # warmup
+        forward_seconds = statistics.median(timed(lambda: forward(fn), device)[1] for _ in range(args.repeats))
+        model.zero_grad(set_to_none=True)
+        results[name] = {"seconds_forward_backward": train_seconds, "seconds_forward_no_grad": forward_seconds,
+                         "saved_for_backward_bytes": saved, "saved_for_backward_language_model_bytes":
+                         saved_language_model, "peak_memory_gib": peak}
+    results["tokens"] = {"unshared": B * G * (L + T), "shared": B * (L + G * T)}
+    results["ratio_unshared_over_shared"] = {
+        key: results["unshared"][key] / results["shared"][key]
+        for key in ("seconds_forward_backward", "seconds_forward_no_grad", "saved_for_backward_bytes",
+                    "saved_for_backward_language_model_bytes")}
+    results["ratio_unshared_over_shared"]["tokens"] = results["tokens"]["unshared"] / results["tokens"]["shared"]
+    results["max_abs_difference"] = {"logits": (outputs["unshared"][0] - outputs["shared"][0]).abs().max().item(),
+                                     "hidden": (outputs["unshared"][1] - outputs["shared"][1]).abs().max().item()}
+    results.update(questions=B, group_size=G, answer_tokens=T, prompt_tokens=L,
+                   real_answer_tokens=int(mask.sum()), attention=model.config._attn_implementation)
+    return results
+
+
+def pass_setups(args, device, scratch):
+    """(name, description, model, tokenizer, prompt) of the two --passes setups: the shipped tiny base model on
+    the synthetic test split, and a wider random Qwen2.5-VL at a real prompt's length."""
+    model, tokenizer, image_processor = modeling.load(tiny.resolve_model("tiny"), device)
+    prompt = rollout.build_inputs(tokenizer, image_processor, synthetic_test_records(args.questions), device=device)
+    yield "tiny", "shipped tiny base model (models/tiny-base-seed0), synthetic test questions", model, tokenizer, prompt
+    del model
+    records = generated_records(scratch, args.questions, WIDE_IMAGE_SIZE, args.seed)
+    folder = tiny.build_random_tiny(Path(scratch) / "wide-random", tiny.tokenizer_corpus(records), seed=args.seed,
+                                    image_size=WIDE_IMAGE_SIZE, **WIDE_SIZES)
+    model, tokenizer, image_processor = modeling.load(folder, device)
+    prompt = rollout.build_inputs(tokenizer, image_processor, records, device=device)
+    sizes = ", ".join(f"{k} {v}" for k, v in WIDE_SIZES.items())
+    yield ("wide", f"random Qwen2.5-VL ({sizes}), {WIDE_IMAGE_SIZE}x{WIDE_IMAGE_SIZE} noise images", model, tokenizer,
+           prompt)
+
+
+def format_passes(name, description, r, args, device):
+    ratio, gib = r["ratio_unshared_over_shared"], 2**30
+    lines = [f"teacher-forced pass, {name}: {description} | {device} | attention {r['attention']}",
+             f"  {r['questions']} questions x G={r['group_size']}, prompt {r['prompt_tokens']} tokens (left-padded), "
+             f"{r['answer_tokens']} answer tokens per row ({r['real_answer_tokens']} real); language-model tokens: "
+             f"unshared {r['tokens']['unshared']}, shared {r['tokens']['shared']} ({ratio['tokens']:.2f}x fewer)",
+             f"  {'pass':<10}{'fwd+bwd s':>11}{'fwd s (no grad)':>17}{'saved for bwd MiB':>19}"
+             f"{'of which LM':>13}{'peak GiB':>10}"]
+    for method in ("unshared", "shared"):
+        m = r[method]
+        peak = "-" if m["peak_memory_gib"] is None else f"{m['peak_memory_gib']:.2f}"
+        lines.append(f"  {method:<10}{m['seconds_forward_backward']:>11.3f}{m['seconds_forward_no_grad']:>17.3f}"
+                     f"{m['saved_for_backward_bytes'] / 2**20:>19.1f}"
+                     f"{m['saved_for_backward_language_model_bytes'] / 2**20:>13.1f}{peak:>10}")
+    freed = (r["unshared"]["saved_for_backward_bytes"] - r["shared"]["saved_for_backward_bytes"]) / gib
+    lines.append(f"  unshared / shared: forward + backward {ratio['seconds_forward_backward']:.2f}x, no-grad forward "
+                 f"{ratio['seconds_forward_no_grad']:.2f}x, bytes saved for backward "
+                 f"{ratio['saved_for_backward_bytes']:.2f}x ({freed:.3f} GiB freed; the language model's "
+                 f"{ratio['saved_for_backward_language_model_bytes']:.2f}x); max |difference| logits "
+                 f"{r['max_abs_difference']['logits']:.1e}, hidden {r['max_abs_difference']['hidden']:.1e} "
+                 f"(seconds: median of {args.repeats} after a warmup)")
+    return "\n".join(lines)
+
+
+def main_passes(args, device):
+    """--passes: the teacher-forced pass with and without prefix sharing, on both setups, in one run."""
+    results = {"setup": {"device": str(device), "torch": torch.__version__, "repeats": args.repeats,
+                         "threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}
+    with tempfile.TemporaryDirectory(prefix="medevo-bench-") as scratch:
+        for name, description, model, tokenizer, prompt in pass_setups(args, device, scratch):
+            results[name] = dict(bench_passes(model, tokenizer, prompt, args, device), model=description)
+            print(format_passes(name, description, results[name], args, device), flush=True)
+            del model
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +530,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else modeling.default_device()
     torch.manual_seed(args.seed)
+    if args.passes:
+        return main_passes(args, device)
     with tempfile.TemporaryDirectory(prefix="medevo-bench-") as scratch:
         model, tokenizer, image_processor, records, description = model_and_records(args, device, scratch)
         print(modeling.apply_pixel_flags(image_processor, args.max_pixels, args.min_pixels, records))

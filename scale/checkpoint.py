@@ -6,7 +6,8 @@ A checkpoint is one folder, `<out-dir>/checkpoint`:
                                          (+ tokenizer and image processor): `from_pretrained` loads it
     optimizer/                           the AdamW state, one file per rank (torch.distributed.checkpoint:
                                          each rank writes and reads only its own shard under FSDP2)
-    trainer_state.pt                     step, the run's defining flags, every rank's sampler RNG, torch RNG
+    trainer_state.pt                     step, the run's defining flags (JSON text), every rank's sampler RNG,
+                                         torch RNG: plain data, read back with torch.load(weights_only=True)
     teacher.pt                           with --ema-teacher only: the EMA teacher's fp32 weights (model.load_teacher)
     COMPLETE                             written last: a folder without it is never resumed from
 
@@ -20,6 +21,12 @@ Resume is exact or refuses: the flags that define the run are recorded, and a di
 Every rank writes its own optimizer shard into the checkpoint, so every rank must see the same --out-dir
 (on several nodes: a shared file system); `check_shared_out_dir` refuses to start otherwise.
 
+Loading a checkpoint runs no code from it. trainer_state.pt holds only tensors and plain values and is read
+with torch.load(weights_only=True), which refuses a pickle that names any function or class (a planted file
+that would run code is a SystemExit naming it); teacher.pt is read the same way (model.load_teacher). The
+optimizer's index, optimizer/.metadata, is read by torch.distributed.checkpoint with plain pickle.load, so
+it is first unpickled here by `check_optimizer_index`, which builds only the few classes such an index holds.
+
 metrics.jsonl has one row per training step and one per evaluation. On resume the rows past the
 checkpoint's step (written after the last save, before a kill) are dropped, and so are the evaluations
 at and after it, which the resumed run redoes: no row ever appears twice. NaN is written as null.
@@ -27,6 +34,7 @@ at and after it, which the resumed run redoes: no row ever appears twice. NaN is
 
 import json
 import math
+import pickle
 import secrets
 import shutil
 import socket
@@ -90,12 +98,19 @@ def save(out_dir, policy, tokenizer, image_processor, optimizer, step, run_flags
             torch.save(teacher_weights, tmp / "teacher.pt")
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        torch.save({"step": step, "run_flags": run_flags, "sampler_rng": rng_states,
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        write_trainer_state(tmp / "trainer_state.pt", step, run_flags, rng_states)
         (tmp / "run_flags.json").write_text(json.dumps(run_flags, indent=1) + "\n")
         (tmp / "COMPLETE").write_text(f"step {step}\n")
         swap_in(out_dir)
     parallel.barrier()
+
+
+def write_trainer_state(path, step, run_flags, rng_states):
+    """Step, run flags, every rank's sampler RNG and the torch RNG, as plain data: the flags are JSON text, so
+    the file holds only tensors, numbers and strings, and whatever a flag's value is cannot make it need
+    weights_only=False to load (json.dumps refuses a value it cannot write, at the first save)."""
+    torch.save({"step": step, "run_flags": json.dumps(run_flags), "sampler_rng": rng_states,
+                "torch_rng": torch.get_rng_state()}, path)
 
 
 @contextmanager
@@ -156,7 +171,7 @@ def complete_step(folder):
     """The step of a complete checkpoint folder, or None if it is missing or half-written."""
     if not (folder / "COMPLETE").is_file() or not (folder / "trainer_state.pt").is_file():
         return None
-    return torch.load(folder / "trainer_state.pt", weights_only=False)["step"]
+    return read_trainer_state(folder / "trainer_state.pt")["step"]
 
 
 def newest_complete(out_dir):
@@ -207,7 +222,7 @@ def prepare_out_dir(out_dir, resume, overwrite, world_size, flags):
         notes = [recover(out_dir)]
         state = trainer_state(out_dir)
         check_world_size(state, world_size)
-        notes += check_run_flags(state["run_flags"], flags)
+        notes += check_run_flags(state["run_flags"], json.loads(json.dumps(flags)))  # as saved: JSON values
         step = state["step"]
         dropped = truncate_rows(out_dir / "metrics.jsonl", step)
         return notes + ([f"dropped {dropped} metrics.jsonl row(s) logged after step {step}"] if dropped else [])
@@ -222,7 +237,64 @@ def prepare_out_dir(out_dir, resume, overwrite, world_size, flags):
 
 def trainer_state(out_dir):
     """<out_dir>/checkpoint/trainer_state.pt: step, run flags, RNG states."""
-    return torch.load(Path(out_dir) / "checkpoint" / "trainer_state.pt", weights_only=False)
+    return read_trainer_state(Path(out_dir) / "checkpoint" / "trainer_state.pt")
+
+
+def read_trainer_state(path):
+    """A trainer_state.pt, loaded with weights_only=True: a file that names any function or class (which
+    plain pickle would call) is refused with a SystemExit. The run flags come back as a dict (JSON text since
+    write_trainer_state; a dict in older checkpoints, which load the same way)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SystemExit(f"{path}: refused: it is not plain data ({refusal(err)}); loading it could run code, "
+                         f"and this code never writes such a file: do not resume from this folder") from err
+    if not isinstance(state, dict) or "step" not in state:
+        raise SystemExit(f"{path}: not a trainer state (a dict with the step, run flags and RNG states)")
+    if isinstance(state.get("run_flags"), str):
+        state["run_flags"] = json.loads(state["run_flags"])
+    return state
+
+
+def refusal(err):
+    """The line of torch.load's weights_only error that names what was refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "refused")
+
+
+# torch.distributed.checkpoint's index (optimizer/.metadata): the classes it may hold, by module (and torch's dtypes)
+INDEX_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "TensorStorageMetadata", "TensorProperties",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class IndexUnpickler(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint index, refusing every global outside INDEX_CLASSES."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and not name.startswith("_") and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and name not in INDEX_CLASSES.get(module, ()):
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_optimizer_index(folder):
+    """Read <folder>/optimizer/.metadata with IndexUnpickler before torch.distributed.checkpoint reads it with
+    plain pickle.load: a planted file that would run code is a SystemExit naming it, and runs nothing."""
+    path = Path(folder) / "optimizer" / ".metadata"
+    with open(path, "rb") as f:
+        try:
+            IndexUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise SystemExit(f"{path}: refused: not a plain torch.distributed.checkpoint index ({err}); loading it "
+                             f"could run code: do not resume from this folder") from err
 
 
 def check_world_size(state, world_size):
@@ -236,6 +308,7 @@ def load_trainer_state(out_dir, policy, optimizer, generator, rank, lr):
     """Restore optimizer (this rank's shard), RNGs and step from <out_dir>/checkpoint; set the lr."""
     folder = Path(out_dir) / "checkpoint"
     state = trainer_state(out_dir)
+    check_optimizer_index(folder)
     optimizer_state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
     with one_process_is_fine():
         dcp.load(optimizer_state, checkpoint_id=folder / "optimizer", no_dist=not parallel.dist.is_initialized())

@@ -46,6 +46,7 @@ import math
 import os
 import signal
 import sys
+import time
 import types
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -219,6 +220,7 @@ def shard_units(model, mp_policy, vision_policy, offload, reshard_root):
     for block in model.model.visual.blocks:
         fully_shard(block, mp_policy=vision_policy, offload_policy=offload)
     fully_shard(model, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_root)
+    model.reshards_root = bool(reshard_root)  # gathered() restores it (None: the root stays gathered)
     register_as_forward(model)
     return model
 
@@ -274,6 +276,9 @@ def fsdp_units(model):
 def gathered(model, dtype):
     """Full parameters for a whole sampling loop or evaluation: gathered once, resharded after.
 
+    Every unit, the root included, stays gathered inside the block: a root that reshards after each forward
+    (the reference's, the EMA teacher's) would otherwise be all-gathered again at every decode step, and
+    ranks whose answers end early would issue fewer of those collectives than the others (a hang).
     Not sharded: bf16 compute comes from autocast over the fp32 weights (its weight casts are cached
     for the whole block, so a decode loop casts each weight once).
     """
@@ -281,17 +286,17 @@ def gathered(model, dtype):
         with compute_precision(model, dtype):
             yield
         return
-    blocks = [unit for unit in fsdp_units(model) if unit is not model]  # the root keeps its own setting
-    for unit in blocks:
+    units = fsdp_units(model)  # the root first
+    for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
-    for unit in [model, *blocks]:
+    for unit in units:
         unit.unshard()
     try:
         yield
     finally:
-        for unit in blocks:
-            unit.set_reshard_after_forward(True, recurse=False)
-        for unit in [model, *blocks]:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model or model.reshards_root, recurse=False)
+        for unit in units:
             unit.reshard()
 
 
@@ -405,6 +410,33 @@ def copy_own_slice(tensor, full):
         rank = tensor.device_mesh.get_local_rank()
         local = tensor.to_local()
         local.copy_(chunks[rank] if rank < len(chunks) else full[:0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage timings
+
+
+def clock(device):
+    """Wall time after the device's queued work is done, so per-stage timings are honest on GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+@contextmanager
+def timed(timings, name, device):
+    """Add the block's wall time to timings[name], less the time of the blocks timed inside it (a rule's own
+    stage, e.g. the EMA teacher's rollout inside the labelling, is billed to itself only)."""
+    inner_before, t0 = timings.get("inner", 0.0), clock(device)
+    yield
+    elapsed = clock(device) - t0
+    timings[name] = timings.get(name, 0.0) + elapsed - (timings.get("inner", 0.0) - inner_before)
+    timings["inner"] = inner_before + elapsed
+
+
+def stage_seconds(timings):
+    """{seconds_<stage>: seconds} for the metrics row."""
+    return {f"seconds_{name}": seconds for name, seconds in timings.items() if name != "inner"}
 
 
 # ----------------------------------------------------------------------------------------------

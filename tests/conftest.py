@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny random Qwen2.5-VL saved and loaded like a hub model, and small images."""
 
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Nothing downloads in the tests, on a machine with a network too: huggingface_hub (read at its import, below) is
+# offline with an empty cache. tests/test_hub.py serves its own fake Hub to child processes with their own env.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="medevo-empty-hub-cache-")
 
 import model as modeling  # noqa: E402
 from models import tiny as offline  # noqa: E402  (the fixture below is called `tiny`)

@@ -22,6 +22,7 @@ import model as modeling  # noqa: E402
 from scale import parallel  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
+from harness import setup  # noqa: E402
 
 model_dir, data_root, out_path = sys.argv[1:4]
 rank, world_size, device = parallel.setup_distributed(torch.device("cpu"))
@@ -36,16 +37,19 @@ records = data.load_split("slake", data_root, "test")[:4]
 prompt_all = rollout.build_inputs(tokenizer, image_processor, records)
 out_all = rollout.sample(policy, tokenizer, prompt_all, G, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
 
-optimizer = train.prepare_policy(policy, args, device, sharded=world_size > 1)
+setup.prepare_modules(policy, args)
+if world_size > 1:
+    parallel.shard_policy(policy, torch.float32, offload=False, device=device)
+run = setup.Run(args, policy, reference, tokenizer, image_processor, setup.adamw(policy, args), torch.Generator(),
+                [], rank, world_size, device, torch.float32, Path(out_path).parent)
 mine = train.shard(list(range(len(records))), rank, world_size)
 rows = [q * G + j for q in mine for j in range(G)]
 prompt = rollout.build_inputs(tokenizer, image_processor, [records[q] for q in mine])
 out = rollout.Rollout(out_all.completion_ids[rows], out_all.completion_mask[rows], [out_all.texts[r] for r in rows])
 policy.train()
-loss, stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
-loss.backward()
-grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip))
-optimizer.step()
+train.sample = lambda run, prompt, n: out  # this rank's share of the answers sampled above
+stats, _ = train.train_step(run, [records[q] for q in mine])  # one GRPO update: FSDP reduces, AdamW steps
+grad_norm = stats["grad_norm"]
 
 # The rollout gathers each FSDP unit once, however many tokens it samples (counting FSDP's all-gathers).
 all_gathers = []

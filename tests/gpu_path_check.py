@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scale import checkpoint  # noqa: E402
 import data  # noqa: E402
 from scale import parallel  # noqa: E402
+import grpo  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
+from harness import setup  # noqa: E402
 
 model_dir, data_root, scratch, out_path, mode = sys.argv[1:6]
 rank, world_size, device = parallel.setup_distributed(torch.device("cpu"), timeout_minutes=7)
@@ -45,8 +47,8 @@ def full_state(model):
 # 1. lean loading: rank 0 reads the files once, both models receive their shards
 policy, reference, tokenizer, image_processor = parallel.load_sharded(
     model_dir, model_dir, device, torch.bfloat16, args.offload,
-    prepare=lambda model: train.prepare_modules(model, args))
-optimizer = train.adamw(policy, args)
+    prepare=lambda model: setup.prepare_modules(model, args))
+optimizer = setup.adamw(policy, args)
 policy_state, reference_state = full_state(policy), full_state(reference)
 if rank == 0:
     files = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
@@ -93,16 +95,21 @@ def count_claims(run_pass):
 
 
 results["root_claims"], results["unit_forwards"], (logits, _) = count_claims(
-    lambda: train.teacher_forced(policy, prompt, out, G, torch.bfloat16))
+    lambda: rollout.teacher_forced(policy, prompt, out, G, torch.bfloat16))
 results["reference_root_claims"], _, _ = count_claims(
-    lambda: train.teacher_forced(reference, prompt, out, G, torch.bfloat16))
+    lambda: rollout.teacher_forced(reference, prompt, out, G, torch.bfloat16))
 results["fsdp_units"] = len(parallel.fsdp_units(policy))
 results["logits_dtype"] = str(logits.dtype)
 
 # 3. step 0: the sharded policy and the sharded reference compute the same log-probs
-_, stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
+run = setup.Run(args, policy, reference, tokenizer, image_processor, optimizer, torch.Generator().manual_seed(10 + rank),
+                [], rank, world_size, device, torch.bfloat16, Path(scratch))
+with torch.no_grad():
+    logp = grpo.token_logprobs(rollout.teacher_forced(policy, prompt, out, G, torch.bfloat16)[0], out.completion_ids)
+ref_logp = train.reference_logprobs(run, prompt, out)
+_, stats = grpo.grpo_loss(logp, logp, ref_logp, torch.zeros(logp.shape[0]), out.completion_mask, kl_coef=args.kl_coef)
 results["kl_step0"] = stats["kl"]
-results["logp_equal_reference"] = bool(torch.equal(scores.old_logp, scores.ref_logp))
+results["logp_equal_reference"] = bool(logp.dtype == torch.float32 and torch.equal(logp, ref_logp))
 policy.reshard()  # a forward without backward leaves the root gathered
 
 # 4. NaN in rank 1's gradient shard of the first update: every rank skips it
@@ -125,11 +132,9 @@ def local_weights():
 
 
 start = local_weights()
-answers = [None] * len(mine)
-generator = torch.Generator().manual_seed(10 + rank)
-first = train.train_step(policy, reference, optimizer, tokenizer, image_processor, mine, answers, args, generator)
+first, _ = train.train_step(run, mine)
 after_first, optimizer_state_after_skip = local_weights(), len(optimizer.state)
-second = train.train_step(policy, reference, optimizer, tokenizer, image_processor, mine, answers, args, generator)
+second, _ = train.train_step(run, mine)
 after_second = local_weights()
 parallel.clip_gradients = real_clip
 results["first_skipped"] = parallel.gather_lists([first.get("skipped")])

@@ -1,11 +1,16 @@
 """checkpoint.py: the newest complete checkpoint is found whatever state the swap was in, a changed
-run-defining flag is refused, metrics.jsonl is truncated to the checkpoint's step, and NaN becomes null."""
+run-defining flag is refused, metrics.jsonl is truncated to the checkpoint's step, NaN becomes null, and
+loading a checkpoint runs no code from it (trainer_state.pt is plain data, a planted pickle is refused)."""
 
 import json
 import math
+import os
+import pickle
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from scale import checkpoint
 
@@ -80,3 +85,60 @@ def test_a_changed_process_count_is_refused(tmp_path):
     checkpoint.check_world_size(checkpoint.trainer_state(tmp_path), 2)
     with pytest.raises(SystemExit, match="written by 2 processes, this run has 1"):
         checkpoint.check_world_size(checkpoint.trainer_state(tmp_path), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading runs no code
+
+
+class RunsCode:
+    """Unpickled by plain pickle, this calls os.mkdir(path): a stand-in for any code a planted file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_trainer_state_is_plain_data_loaded_with_weights_only(tmp_path):
+    flags = {"seed": 3, "lr": 1e-4, "model": "tiny", "prompt_suffix": None, "image_sensitivity": True}
+    rng = [torch.Generator().manual_seed(seed).get_state() for seed in (0, 1)]
+    (tmp_path / "checkpoint").mkdir()
+    path = tmp_path / "checkpoint" / "trainer_state.pt"
+    torch_rng = torch.get_rng_state()
+    checkpoint.write_trainer_state(path, 5, flags, rng)
+    assert isinstance(torch.load(path, weights_only=True)["run_flags"], str)  # JSON text
+    state = checkpoint.trainer_state(tmp_path)
+    assert state["step"] == 5 and state["run_flags"] == flags and torch.equal(state["torch_rng"], torch_rng)
+    assert all(torch.equal(a, b) for a, b in zip(state["sampler_rng"], rng))
+
+
+def test_a_planted_trainer_state_that_would_run_code_is_refused(tmp_path):
+    marker, folder = tmp_path / "code-ran", tmp_path / "checkpoint"
+    fake_checkpoint(folder, 7)
+    torch.save({"step": 7, "run_flags": "{}", "payload": RunsCode(marker)}, folder / "trainer_state.pt")
+    with pytest.raises(SystemExit, match=r"trainer_state.pt: refused: .*GLOBAL (posix|nt).mkdir"):
+        checkpoint.recover(tmp_path)  # finding the newest complete checkpoint reads its step
+    with pytest.raises(SystemExit, match="refused"):
+        checkpoint.prepare_out_dir(tmp_path, resume=True, overwrite=False, world_size=1, flags={})
+    assert not marker.exists()
+    torch.load(folder / "trainer_state.pt", weights_only=False)  # the plant is live: the old load ran its code
+    assert marker.is_dir()
+
+
+def test_a_planted_optimizer_index_is_refused_before_torch_reads_it(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "checkpoint"
+    with checkpoint.one_process_is_fine():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer",
+                 no_dist=True)
+    checkpoint.check_optimizer_index(folder)  # a real index passes
+    marker = tmp_path / "code-ran"
+    (folder / "optimizer" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(SystemExit, match=r"refusing to load global (posix|nt).mkdir"):
+        checkpoint.check_optimizer_index(folder)
+    assert not marker.exists()

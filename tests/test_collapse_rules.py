@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from types import SimpleNamespace
+
 import centroid
 import grpo
 import model as modeling
-import reward
+import rules
 import train
+from rules import ema_teacher, entropy, low_consensus, novelty
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +32,18 @@ LABELS = ["a", "x"]
 EXACT = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # exact match vs the labels
 
 
+def rule_run(consensus_min, rule="penalize", delta=0.1):
+    """The part of a Run an advantage rule reads: its flags."""
+    args = SimpleNamespace(group_size=4, adv_scale="std", consensus_min=consensus_min, low_consensus=rule,
+                           penalty_delta=delta)
+    return SimpleNamespace(args=args)
+
+
+def advantages_of(run, rewards, shares):
+    adv = rules.advantager(run.args)(run, rewards, shares)
+    return adv.rewards, adv.advantages, adv.keep
+
+
 def test_label_shares_are_the_labels_vote_shares():
     assert centroid.label_shares(TEXTS, 4, LABELS) == [0.5, 0.25]
     assert centroid.label_shares(["Yes", "yes.", "no", "the yes"], 4, ["yes"]) == [0.75]  # normalised, as rewards
@@ -36,15 +51,17 @@ def test_label_shares_are_the_labels_vote_shares():
 
 def test_penalize_zeroes_an_untrusted_groups_rewards_and_shifts_its_advantages_by_minus_delta():
     """kappa = 0.5: group 1 (share 0.25) is untrusted, group 0 (share 0.5, not below) is kept as it is."""
-    rewards, advantages, keep = grpo.low_consensus_rule(EXACT, [0.5, 0.25], 4, 0.5, "penalize", delta=0.1)
+    rewards, advantages, keep = advantages_of(rule_run(0.5, "penalize"), EXACT, [0.5, 0.25])
     assert rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     # group 0 unchanged: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 1 / sqrt(3), eps 1e-4
     a = 0.5 / (3 ** -0.5 + 1e-4)
     assert advantages.tolist() == pytest.approx([a, -a, -a, a, -0.1, -0.1, -0.1, -0.1], abs=1e-6)
     assert keep is None  # every row is kept
     # kappa = 0 (the default): the ordinary GRPO advantages, nothing untrusted
-    rewards0, advantages0, keep0 = grpo.low_consensus_rule(EXACT, [0.5, 0.25], 4, 0.0, "penalize", delta=0.1)
+    assert rules.advantager(rule_run(0.0).args) is rules.ADVANTAGES["group"]  # the plain function, by its name
+    rewards0, advantages0, keep0 = advantages_of(rule_run(0.0), EXACT, [0.5, 0.25])
     assert torch.equal(rewards0, EXACT) and torch.equal(advantages0, grpo.group_advantages(EXACT, 4)) and keep0 is None
+    assert low_consensus.penalize(rule_run(0.5), EXACT, [0.5, 0.25]).untrusted == 0.5
 
 
 def logps(n, t, seed):
@@ -54,7 +71,7 @@ def logps(n, t, seed):
 
 @pytest.mark.parametrize("agg", grpo.LOSS_AGGS)
 def test_a_dropped_group_gives_exactly_zero_gradient_and_the_rest_trains_as_if_it_were_absent(agg):
-    rewards, advantages, keep = grpo.low_consensus_rule(EXACT, [0.5, 0.25], 4, 0.5, "drop")
+    rewards, advantages, keep = advantages_of(rule_run(0.5, "drop"), EXACT, [0.5, 0.25])
     assert keep.tolist() == [True] * 4 + [False] * 4 and torch.equal(rewards, EXACT)
     old, ref = logps(8, 3, 0), logps(8, 3, 1)  # ref != logp: the KL term alone would give a gradient
     mask = torch.tensor([[1.0, 1.0, 0.0]] * 4 + [[1.0, 1.0, 1.0]] * 4)
@@ -81,12 +98,12 @@ def test_entropy_reward_is_minus_the_mean_token_entropy_over_the_answer_tokens()
                            [[50.0, 0.0], [0.0, 50.0], [0.0, 0.0]],
                            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]])
-    rewards = reward.entropy_rewards(logits, mask)
+    rewards = entropy.entropy_rewards(logits, mask)
     assert rewards[0].item() == pytest.approx(-0.627741, abs=1e-6)
     assert rewards[1].item() == pytest.approx(0.0, abs=1e-18) and rewards[1].item() <= 0
     assert rewards[2].item() == 0.0
     with pytest.raises(ValueError, match="entropy_rewards"):
-        reward.compute_rewards(["a", "b"], 2, [0], None, kind="entropy")
+        entropy.entropy_rewards(logits[0], mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,14 +127,14 @@ def test_novelty_rewards_hand_worked():
                         [1, 0, 0], [0, 1, 0], [0, .6, .8], [-.6, .8, 0],
                         [2, 0, 0], [2, 0, 0], [2, 0, 0], [2, 0, 0]])  # norms need not be 1
     texts = ["yes", "yes", "Yes.", "no", "no", "CT", "CT", "MRI", "a", "a", "a", "a"]
-    rewards = reward.novelty_rewards(emb, texts, 4, ["yes", "CT", "a"])
+    rewards = novelty.novelty_rewards(emb, texts, 4, ["yes", "CT", "a"])
     assert rewards.tolist() == pytest.approx([1.0, 0.5, 0.875, -0.5, -0.5, 0.5, 1.0, -1.0, 0.75, 0.75, 0.75, 0.75],
                                              abs=1e-6)
 
 
 def test_a_lone_majority_answer_gets_1_and_equal_others_get_minus_three_quarters():
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
-    rewards = reward.novelty_rewards(emb, ["CT", "MRI", "X-Ray", "US"], 4, ["CT"])
+    rewards = novelty.novelty_rewards(emb, ["CT", "MRI", "X-Ray", "US"], 4, ["CT"])
     assert rewards.tolist() == pytest.approx([1.0, -0.75, -0.75, -0.75])
 
 
@@ -128,11 +145,11 @@ def test_a_lone_majority_answer_gets_1_and_equal_others_get_minus_three_quarters
 def test_ema_decay_follows_the_cosine_from_start_to_end():
     """K = 4 steps, 0.99 -> 0.9999: a(0) = 0.99, a(2) = (0.99 + 0.9999) / 2 = 0.99495, a(4) = 0.9999;
     a(1) = 0.9999 + 0.0099 * (1 + cos(pi / 4)) / 2 = 0.9999 - 0.0099 * 0.853553 = 0.991450."""
-    assert modeling.ema_decay(0, 4, 0.99, 0.9999) == pytest.approx(0.99, abs=1e-12)
-    assert modeling.ema_decay(1, 4, 0.99, 0.9999) == pytest.approx(0.991450, abs=1e-6)
-    assert modeling.ema_decay(2, 4, 0.99, 0.9999) == pytest.approx(0.99495, abs=1e-12)
-    assert modeling.ema_decay(4, 4, 0.99, 0.9999) == pytest.approx(0.9999, abs=1e-12)
-    assert modeling.ema_decay(9, 4, 0.99, 0.9999) == pytest.approx(0.9999, abs=1e-12)  # clipped to K
+    assert ema_teacher.ema_decay(0, 4, 0.99, 0.9999) == pytest.approx(0.99, abs=1e-12)
+    assert ema_teacher.ema_decay(1, 4, 0.99, 0.9999) == pytest.approx(0.991450, abs=1e-6)
+    assert ema_teacher.ema_decay(2, 4, 0.99, 0.9999) == pytest.approx(0.99495, abs=1e-12)
+    assert ema_teacher.ema_decay(4, 4, 0.99, 0.9999) == pytest.approx(0.9999, abs=1e-12)
+    assert ema_teacher.ema_decay(9, 4, 0.99, 0.9999) == pytest.approx(0.9999, abs=1e-12)  # clipped to K
 
 
 def test_ema_update_on_a_two_parameter_model():
@@ -144,7 +161,7 @@ def test_ema_update_on_a_two_parameter_model():
         teacher.weight.fill_(0.0), teacher.bias.fill_(0.0), policy.weight.fill_(1.0), policy.bias.fill_(2.0)
     expected = [(0.01, 0.02), (0.0149995, 0.029999), (0.01509800, 0.03019600)]
     for step, (w, b) in zip([0, 2, 4], expected):
-        modeling.ema_update(teacher, policy, modeling.ema_decay(step, 4, 0.99, 0.9999))
+        ema_teacher.ema_update(teacher, policy, ema_teacher.ema_decay(step, 4, 0.99, 0.9999))
         assert teacher.weight.item() == pytest.approx(w, abs=1e-7) and teacher.bias.item() == pytest.approx(b, abs=1e-7)
     assert policy.weight.item() == 1.0 and policy.bias.item() == 2.0  # the policy is untouched
 
@@ -216,3 +233,21 @@ def test_bad_values_of_the_new_flags_are_refused_by_name(tiny_model_dir, tmp_pat
         train.main([*base, "--ema-teacher", "--ema-end", "1.5"])
     with pytest.raises(SystemExit, match="--ema-teacher with --offload"):
         train.main([*base, "--ema-teacher", "--offload"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables: a name is a function, or the flags refuse it
+
+
+def test_every_reward_and_label_name_is_a_flag_choice_with_a_function():
+    assert set(rules.PSEUDO_LABELS) <= set(rules.LABELERS)
+    assert all(callable(fn) for table in (rules.LABELERS, rules.REWARDS, rules.ADVANTAGES) for fn in table.values())
+    assert train.parse_args(["--reward", "novelty"]).reward == "novelty"
+    with pytest.raises(SystemExit):  # argparse: invalid choice, before anything runs
+        train.parse_args(["--reward", "bleu"])
+
+
+def test_a_half_registered_name_is_refused(monkeypatch):
+    monkeypatch.setitem(rules.REWARDS, "bleu", None)
+    with pytest.raises(TypeError, match="'bleu' is registered to None"):
+        rules.check_tables()

@@ -103,6 +103,26 @@ def test_slake_real_test_split_counts(tmp_path, capsys):
     assert set(entries[0]) == SLAKE_FIELDS  # the synthetic benchmark copies exactly these fields
 
 
+def test_the_hub_fetch_manifest_is_the_real_release(tmp_path):
+    """data/hub.py checks a fetched SLAKE against SLAKE_1_0: the real annotation files (and an empty file for
+    each image they name) must pass, and a split with a question less must not."""
+    if not (SHARED / "data" / "slake" / "test.json").is_file():
+        pytest.skip("../shared/data/slake not available (../shared is absent)")
+    root = tmp_path / "slake"
+    for split in ("train", "validate", "test"):
+        entries = json.loads((SHARED / "data" / "slake" / f"{split}.json").read_text(encoding="utf-8"))
+        write_json(root / f"{split}.json", entries)
+        for img_name in {entry["img_name"] for entry in entries}:
+            (root / "imgs" / img_name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "imgs" / img_name).touch()
+    assert data.hub.differences(root, data.hub.SLAKE_1_0) == []
+    assert len(list(root.glob("imgs/*/source.jpg"))) == data.hub.SLAKE_1_0.images == 642
+    first_english = next(i for i, e in enumerate(entries) if e["q_lang"] == "en")  # entries: test's
+    write_json(root / "test.json", entries[:first_english] + entries[first_english + 1:])
+    assert data.hub.differences(root, data.hub.SLAKE_1_0) == [
+        "test: 2093 questions, the release has 2094", "test: 1060 English questions, the release has 1061"]
+
+
 # -----------------------------------------------------------------------------
 # errors name what is at fault
 

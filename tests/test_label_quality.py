@@ -8,14 +8,16 @@ import random
 import pytest
 import torch
 
-from experiments import ablate
 import centroid
 import data
 import evaluate
 import model as modeling
 import monitor
 import reward
+import rules
 import train
+from experiments import ablate
+from rules import oracle
 
 
 ORACLES = ("oracle", "noisy-oracle")  # the ablations that read labels
@@ -83,14 +85,14 @@ def test_noisy_oracle_has_the_asked_accuracy():
         texts += ["yes", "no", "no", "maybe"]
         truths.append("Yes")
     draws = [rng.random() for _ in truths]
-    labels = centroid.noisy_oracle_labels(texts, 4, truths, 0.7, draws)
+    labels = oracle.noisy_oracle_labels(texts, 4, truths, 0.7, draws)
     right = sum(label == "Yes" for label in labels) / len(labels)
     assert abs(right - 0.7) <= 0.03
     assert set(labels) == {"Yes", "no"}  # a wrong label is the most frequent wrong answer, "no" (2 of 3)
 
 
 def test_noisy_oracle_keeps_the_truth_when_no_answer_is_wrong():
-    labels = centroid.noisy_oracle_labels(["CT", "ct.", "MRI", "CT"], 2, ["CT", "CT"], 0.0, [0.9, 0.9])
+    labels = oracle.noisy_oracle_labels(["CT", "ct.", "MRI", "CT"], 2, ["CT", "CT"], 0.0, [0.9, 0.9])
     assert labels == ["CT", "MRI"]  # group 0: both answers right, so the label cannot be wrong
 
 
@@ -101,7 +103,8 @@ def test_noisy_oracle_rewards_are_hsr_against_the_label():
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     cos = centroid.cosine_to_label_texts(emb, texts, 3, ["No"])
     torch.testing.assert_close(cos, torch.tensor([0.0, 1.0, 0.8]))
-    rewards = reward.compute_rewards(texts, 3, [0], cos, kind="noisy-oracle", refs=["No"])
+    assert rules.REWARDS["noisy-oracle"] is rules.REWARDS["hsr"]  # HSR, against the noisy labeler's label
+    rewards = reward.hsr_rewards(texts, centroid.label_of_each_answer(["No"], 3), cos)
     f1 = reward.token_f1("no there is not", "No")
     torch.testing.assert_close(rewards, torch.tensor([0.0, 1.0, 0.5 * (0.5 * f1 + 0.5 * 0.8)]))
     outside = centroid.cosine_to_label_texts(emb, texts, 3, ["liver"])

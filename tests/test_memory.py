@@ -74,17 +74,45 @@ DIMS = {"hidden": 10, "layers": 3, "intermediate": 20, "kv": 4, "vocab": 100, "v
 
 
 def test_activation_plan_hand_computed():
-    """1 question per rank, G = 2, N = 3, prompt 50 tokens of which 8 image tokens, 5 new tokens, eval batch 4."""
+    """1 question per rank, G = 2, N = 3, prompt 50 tokens of which 8 image tokens, 5 new tokens, eval batch 4.
+
+    The teacher-forced pass packs each question into one row [prompt | answer 1 | answer 2] of 50 + 2 x 5 = 60
+    tokens (rollout.completion_logits_and_hidden_shared) under a 60 x 60 mask; shared_prefix=False counts the
+    prompt repeated per answer, 2 rows of 55 tokens (the numbers this test expected before prefix sharing)."""
     plan = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=True)
-    rows, seq, layer = 2, 55, 9 * 10 + 4 * 4 + 4 * 20
-    text = rows * seq * 2 * (3 * 10 + layer)  # each layer's input + one layer recomputed, bf16
+    tokens, layer = 60, 9 * 10 + 4 * 4 + 4 * 20
+    text = tokens * 2 * (3 * 10 + layer)  # each layer's input + one layer recomputed, bf16
     vision = 32 * 2 * (2 * 6 + 13 * 6 + 4 * 8)  # 4 patches per image token
-    head = rows * seq * 10 * 4 + 2 * rows * 5 * 100 * 4
-    kv = seq * 3 * 2 * 4 * 2
-    assert plan == {"teacher_forced": text + vision + head, "rollout": 3 * kv, "evaluation": 4 * kv,
-                    "peak": max(text + vision + head, 3 * kv, 4 * kv)}
+    head = tokens * 10 * 4 + 2 * 2 * 5 * 100 * 4  # final norm's fp32 input over the packed row; 2 rows of fp32 logits
+    mask = 60 * 60 * (1 + 2)  # bool, plus one layer's bf16 copy (checkpointing)
+    kv = 55 * 3 * 2 * 4 * 2  # the rollout's KV cache: a prompt and one answer per row
+    assert plan == {"teacher_forced": text + vision + head + mask, "rollout": 3 * kv, "evaluation": 4 * kv,
+                    "peak": max(text + vision + head + mask, 3 * kv, 4 * kv)}
     full = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=False)
+    assert full["teacher_forced"] == (tokens * 2 * 3 * layer + 32 * 2 * 2 * (13 * 6 + 4 * 8) + head
+                                      + 60 * 60 * (1 + 2 * 3))  # every layer's bf16 copy of the mask
+
+    # the prompt repeated for each answer (flash-attention): 2 rows of 55 tokens, no 4-D mask
+    unshared = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=True, shared_prefix=False)
+    rows, seq = 2, 55
+    text = rows * seq * 2 * (3 * 10 + layer)
+    head = rows * seq * 10 * 4 + 2 * rows * 5 * 100 * 4
+    assert unshared == {"teacher_forced": text + vision + head, "rollout": 3 * kv, "evaluation": 4 * kv,
+                        "peak": max(text + vision + head, 3 * kv, 4 * kv)}
+    full = memory.activation_plan(DIMS, 50, 8, 1, 2, 3, 5, 4, checkpointing=False, shared_prefix=False)
     assert full["teacher_forced"] == rows * seq * 2 * 3 * layer + 32 * 2 * 2 * (13 * 6 + 4 * 8) + head
+
+
+def test_shared_prefix_frees_the_repeated_prompts():
+    """Qwen2.5-VL-7B, a 512 x 512 image (324 tokens) + 64 text tokens, 8 questions, G = 8, T = 16, checkpointing:
+    the language model holds 8 x (388 + 128) tokens instead of 8 x 8 x (388 + 16)."""
+    dims = memory.model_dims(memory.meta_model("7B").config)
+    args = (dims, 388, 324, 8, 8, 8, 16, 32, True)
+    shared, unshared = memory.activation_plan(*args), memory.activation_plan(*args, shared_prefix=False)
+    per_token = 2 * (28 * 3584 + 9 * 3584 + 4 * 512 + 4 * 18944)  # bf16, checkpointing
+    freed = 8 * (8 * 404 - 516) * (per_token + 3584 * 4)  # the language model's and the final norm's
+    assert unshared["teacher_forced"] - shared["teacher_forced"] == freed - 8 * 516**2 * 3
+    assert 13.9e9 < unshared["teacher_forced"] < 14.1e9 and 4.4e9 < shared["teacher_forced"] < 4.6e9
 
 
 def test_image_tokens_at_the_cap():

@@ -16,27 +16,34 @@ import model as modeling
 import monitor
 import rollout
 import train
+from harness import setup
+from rules import label_samples
 
 
-def test_label_samples_vote_over_n_and_train_on_g(tiny_model_dir, slake_folder):
-    """N = 4 samples, G = 2 trained. Group answers "a b b b": the majority of all 4 is "b" (index 1), while
-    the majority of the first 2 alone would be "a". The trained answers "a", "b" then get exact-match
-    rewards 0, 1; the log-probs cover only the G trained answers."""
+def step_on(run, records, out, monkeypatch):
+    """train.train_step on a given rollout (its sampler replaced by `out`)."""
+    monkeypatch.setattr(train, "sample", lambda run, prompt, n: out)
+    return train.train_step(run, records)
+
+
+def test_label_samples_vote_over_n_and_train_on_g(tiny_model_dir, slake_folder, monkeypatch):
+    """N = 4 samples, G = 2 trained. Group answers "a b b b": the majority of all 4 is "b", while the majority of
+    the first 2 alone would be "a". The trained answers "a", "b" then get exact-match rewards 0, 1."""
     G, N = 2, 4
     policy, tokenizer, image_processor = modeling.load(tiny_model_dir, "cpu")
     records = data.load_split("slake", slake_folder, "test")[:1]
     prompt = rollout.build_inputs(tokenizer, image_processor, records)
     out = rollout.sample(policy, tokenizer, prompt, N, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
     out = rollout.Rollout(out.completion_ids, out.completion_mask, ["a", "b", "b", "b"])
-    for n, expected_label, expected_rewards in [(N, 1, [0.0, 1.0]), (G, 0, [1.0, 0.0])]:
+    for n, expected_label, expected_rewards in [(N, "b", [0.0, 1.0]), (G, "a", [1.0, 0.0])]:
         args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--label-samples", str(n),
                                  "--pseudo-label", "majority", "--reward", "exact", "--kl-coef", "0"])
-        sub = out if n == N else train.first_of_each_group(out, N, G)
-        loss, stats, scores = train.policy_loss(policy, None, prompt, sub, G, args)
-        assert scores.labels.tolist() == [expected_label]
-        assert scores.rewards.tolist() == expected_rewards
-        assert scores.old_logp.shape[0] == G
-    assert scores.consensus == pytest.approx(0.5)  # N = G: 1 of the 2 answers equals the label "a"
+        run = setup.make_run(args, policy, tokenizer, image_processor)
+        stats, result = step_on(run, records, out if n == N else rollout.first_of_each_group(out, N, G), monkeypatch)
+        assert result.label_texts == [expected_label]
+        assert result.rewards.tolist() == expected_rewards
+        assert result.texts == ["a", "b"]  # the first G are trained
+    assert stats["consensus"] == pytest.approx(0.5)  # N = G: 1 of the 2 answers equals the label "a"
 
 
 def test_label_samples_fpl_sees_the_extra_answers_as_one_forward_would(tiny_model_dir, slake_folder):
@@ -48,12 +55,14 @@ def test_label_samples_fpl_sees_the_extra_answers_as_one_forward_would(tiny_mode
     prompt = rollout.build_inputs(tokenizer, image_processor, records)
     out = rollout.sample(policy, tokenizer, prompt, N, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
     args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--label-samples", str(N)])
-    trained = train.first_of_each_group(out, N, G)
+    run = setup.make_run(args, policy, tokenizer, image_processor)
+    trained = rollout.first_of_each_group(out, N, G)
     _, hidden = rollout.completion_logits_and_hidden(policy, prompt, trained.completion_ids,
                                                      trained.completion_mask, G)
-    mixed = train.label_hidden(policy, prompt, out, hidden, G, args)
+    timings = {}
+    mixed = label_samples.all_hidden(run, prompt, out, hidden, timings)
     _, direct = rollout.completion_logits_and_hidden(policy, prompt, out.completion_ids, out.completion_mask, N)
-    assert mixed.shape == direct.shape
+    assert mixed.shape == direct.shape and timings["label_forward"] > 0
     torch.testing.assert_close(mixed, direct, atol=1e-5, rtol=1e-5)
 
 

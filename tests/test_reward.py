@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reward import compute_rewards, exact_match, hsr, normalize_answer, token_f1  # noqa: E402
+from reward import exact_match, exact_rewards, f1_rewards, hsr, hsr_rewards, normalize_answer, token_f1  # noqa: E402
+import centroid  # noqa: E402
 
 
 def test_normalize_answer_squad_convention():
@@ -75,29 +76,21 @@ LABELS = torch.tensor([0, 1])
 COS = torch.tensor([1.0, 0.9, 0.4, -0.2, 1.0, 0.95])
 
 
-def test_compute_rewards_each_kind():
-    exact = compute_rewards(TEXTS, 3, LABELS, COS, kind="exact")
+def test_batch_rewards_each_kind():
+    targets = centroid.label_of_each_answer(["left lung", "no"], 3)  # each answer's group's pseudo label
+    exact = exact_rewards(TEXTS, targets)
     assert exact.dtype == torch.float32
     assert exact.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
-    f1 = compute_rewards(TEXTS, 3, LABELS, None, kind="f1")
-    assert f1.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 1.0, 1.0])
+    assert f1_rewards(TEXTS, targets).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 1.0, 1.0])
     # "right lung" vs "left lung": 0.5 * (0.5 * 0.5 + 0.5 * 0.4) = 0.225; "yes" vs "no": F1 0, cos < 0 -> 0
-    hsr_rewards = compute_rewards(TEXTS, 3, [0, 1], COS, kind="hsr")
-    assert hsr_rewards.tolist() == pytest.approx([1.0, 1.0, 0.225, 0.0, 1.0, 1.0])
-    oracle = compute_rewards(TEXTS, 3, LABELS, None, kind="oracle", refs=["right lung", "yes"])
-    assert oracle.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert hsr_rewards(TEXTS, targets, COS).tolist() == pytest.approx([1.0, 1.0, 0.225, 0.0, 1.0, 1.0])
 
 
-def test_compute_rewards_bad_input():
-    with pytest.raises(ValueError, match="'bleu'"):
-        compute_rewards(TEXTS, 3, LABELS, COS, kind="bleu")
-    with pytest.raises(ValueError, match="oracle"):
-        compute_rewards(TEXTS, 3, LABELS, COS, kind="oracle")
-    with pytest.raises(ValueError, match="oracle"):
-        compute_rewards(TEXTS, 3, LABELS, COS, kind="oracle", refs=["right lung", None])
-    with pytest.raises(ValueError, match="groups of 4"):
-        compute_rewards(TEXTS, 4, LABELS, COS)
-    with pytest.raises(ValueError, match="out of range"):
-        compute_rewards(TEXTS, 3, [0, 3], COS)
-    with pytest.raises(ValueError, match="cosines"):
-        compute_rewards(TEXTS, 3, LABELS, None, kind="hsr")
+def test_batch_rewards_bad_input():
+    targets = centroid.label_of_each_answer(["left lung", "no"], 3)
+    with pytest.raises(ValueError, match="6 answers but 5 targets"):
+        exact_rewards(TEXTS, targets[:5])
+    with pytest.raises(ValueError, match="hsr_rewards: 6 answers but None"):
+        hsr_rewards(TEXTS, targets, None)
+    with pytest.raises(ValueError, match="soft_weight"):
+        hsr_rewards(TEXTS, targets, COS, soft_weight=1.0)

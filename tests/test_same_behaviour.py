@@ -9,7 +9,10 @@ with `GOLDEN_RECORD=1 python -m pytest -q tests/test_same_behaviour.py`. Each ho
     product with a fixed random vector, plus the sha256 of the whole file's tensors.
 
 On the machine that recorded them, before and after a refactor must agree to the last bit: `GOLDEN_EXACT=1`
-compares every float with == and the weights' sha256. Without it (CI, another CPU) floats compare within
+compares every float with == and the weights' sha256, with the teacher-forced pass the goldens were recorded
+with (one [prompt | answer] row per answer: rollout.SHARED_PREFIX_ATTENTION emptied). The shared-prefix pass
+(issue 26) equals it to fp32 rounding only; the tolerance below covers it (largest deviation measured: see
+docs/performance.md). Without it (CI, another CPU) floats compare within
 RTOL / ATOL, and texts exactly: a float difference between CPUs could in principle flip a sampled token, but
 two steps on 12 questions were measured to stay far inside the tolerance.
 """
@@ -25,12 +28,16 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+import rollout
 import train
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RECORD = os.environ.get("GOLDEN_RECORD") == "1"
 EXACT = os.environ.get("GOLDEN_EXACT") == "1"
-RTOL, ATOL = 1e-3, 1e-5  # floats across CPUs; weights' fingerprints too (relative to their magnitude)
+RTOL, ATOL = 1e-3, 1e-5  # floats across CPUs and teacher-forced layouts (measured: 1.1e-5 at most)
+WEIGHT_RTOL = 5e-3  # weights' fingerprints, relative to the tensor's norm (measured: 4.7e-4 at most; AdamW's
+#                     normalised step turns a rounding-level gradient difference near 0 into up to lr per weight)
+NEW_FIELDS = {"open_strict", "answer_words"}  # metrics added after the goldens (issue 27): not in them, not compared
 
 TTRL, MEDEVO = ["--pseudo-label", "majority", "--reward", "exact"], ["--pseudo-label", "fpl", "--reward", "hsr"]
 RUNS = {  # name -> train.py flags: ablate.py's rows (the noisy oracle at one accuracy: the others differ in p only)
@@ -110,6 +117,7 @@ def same(a, b, where):
         else:
             assert math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL), f"{where}: {a!r} != {b!r}"
     elif isinstance(a, dict):
+        a = {k: v for k, v in a.items() if k not in NEW_FIELDS or k in b}
         assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
         for key in a:
             same(a[key], b[key], f"{where}.{key}")
@@ -128,11 +136,13 @@ def same_weights(got, want, where):
     for name, prints in want["tensors"].items():
         scale = math.sqrt(prints[1]) + 1e-12  # the tensor's norm: differences are relative to it
         for g, w in zip(got["tensors"][name], prints):
-            assert abs(g - w) <= RTOL * scale + ATOL, f"{where}.{name}: {g} != {w}"
+            assert abs(g - w) <= WEIGHT_RTOL * scale + ATOL, f"{where}.{name}: {g} != {w}"
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_two_steps_match_the_golden_files(name, golden_slake, tmp_path):
+def test_two_steps_match_the_golden_files(name, golden_slake, tmp_path, monkeypatch):
+    if EXACT or RECORD:  # the goldens' own teacher-forced pass, so that a refactor can be checked bit for bit
+        monkeypatch.setattr(rollout, "SHARED_PREFIX_ATTENTION", ())
     train.main([*COMMON, "--data-root", str(golden_slake), "--out-dir", str(tmp_path), *RUNS[name]])
     got = outputs(tmp_path)
     path = GOLDEN / f"{name}.json"

@@ -17,8 +17,9 @@ from transformers import AutoModelForImageTextToText
 
 import data
 import model as modeling
-import rollout
+import grpo
 import train
+from harness import setup
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--questions-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--lr", "1e-3",
@@ -73,26 +74,26 @@ def test_training_never_needs_answers(tiny_model_dir, unlabeled_slake_folder, tm
     assert (tmp_path / "checkpoint" / "config.json").is_file()
 
 
-def test_later_updates_take_the_ratio_against_the_sampling_policy(tiny_model_dir, slake_folder):
-    """--updates-per-rollout > 1: the second update's ratio is new policy / sampling policy (not 1),
-    and the rewards, advantages and old log-probs are the first update's."""
+def test_later_updates_take_the_ratio_against_the_sampling_policy(tiny_model_dir, slake_folder, monkeypatch):
+    """--updates-per-rollout 2: the second update's ratio is new policy / sampling policy (not 1), and the
+    advantages, old and reference log-probs are the first update's (computed once per rollout)."""
     G = 4
-    args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--lr", "1e-2"])
+    args = train.parse_args(["--model", str(tiny_model_dir), "--group-size", str(G), "--lr", "1e-2",
+                             "--updates-per-rollout", "2", "--questions-per-step", "2"])
     policy, tokenizer, image_processor = modeling.load(tiny_model_dir, "cpu")
     reference, _, _ = modeling.load(tiny_model_dir, "cpu")
-    records = data.load_split("slake", slake_folder, "test")[:2]
-    prompt = rollout.build_inputs(tokenizer, image_processor, records)
-    out = rollout.sample(policy, tokenizer, prompt, G, 6, 1.0, 1.0, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
-    loss, first_stats, scores = train.policy_loss(policy, reference, prompt, out, G, args)
-    assert isinstance(scores, train.RolloutScores)
-    assert first_stats["ratio_mean"] == pytest.approx(1.0) and first_stats["kl"] == pytest.approx(0.0, abs=1e-6)
-    loss.backward()
-    optimizer.step()
-    _, second_stats, scores_again = train.policy_loss(policy, reference, prompt, out, G, args, scores=scores)
-    assert scores_again is scores
-    assert second_stats["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
-    assert second_stats["kl"] > 0
+    records = [dict(r, answer=None) for r in data.load_split("slake", slake_folder, "test")[:2]]
+    run = setup.make_run(args, policy, tokenizer, image_processor, reference=reference)
+    calls, real_loss = [], grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **k: calls.append((a, real_loss(*a, **k))) or calls[-1][1])
+    stats, _ = train.train_step(run, records)
+    (first_args, (_, first)), (second_args, (_, second)) = calls
+    assert first["ratio_mean"] == pytest.approx(1.0) and first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["ratio_mean"] == first["ratio_mean"]  # the step logs the fresh rollout's view
+    for i in (1, 2, 3):  # old_logp, ref_logp, advantages: the very same tensors
+        assert second_args[i] is first_args[i]
+    assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert second["kl"] > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +217,15 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_slake_without_data_root_says_where_to_put_it(tmp_path):
+def test_slake_without_data_root_offline_says_where_to_put_it(tmp_path):
+    """No local copy, no network (HF_HUB_OFFLINE, conftest.py): one line naming the Hub repository and the
+    manual route, before any work."""
     with pytest.raises(SystemExit) as err:
         train.main(["--dataset", "slake", "--out-dir", str(tmp_path / "run")])
     message = str(err.value)
+    assert "BoKelvin/SLAKE" in message and "\n" not in message
     assert str(REPO / "datasets" / "slake") in message and "imgs/xmlabN/source.jpg" in message
-    assert "--data-root" in message
+    assert "--data-root" in message and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag, value", [
