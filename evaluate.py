@@ -257,11 +257,13 @@ def format_table(scores):
 # --- CLI ---
 
 
-def predict(model, tokenizer, image_processor, records, batch_size=32, prompt_suffix=None, max_new_tokens=16):
+def predict(model, tokenizer, image_processor, records, batch_size=32, prompt_suffix=None, max_new_tokens=16,
+            device=None):
     """Greedy answers for records, in order."""
     suffix = rollout.DEFAULT_PROMPT_SUFFIX if prompt_suffix is None else prompt_suffix
     return rollout.generate_answers(model, tokenizer, image_processor, records, batch_size=batch_size,
-                                    prompt_suffix=suffix, max_new_tokens=max_new_tokens, temperature=0.0)
+                                    prompt_suffix=suffix, max_new_tokens=max_new_tokens, temperature=0.0,
+                                    device=device)
 
 
 def write_predictions(path, records, preds):
@@ -278,13 +280,13 @@ def write_predictions(path, records, preds):
 
 
 @torch.no_grad()
-def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir):
+def evaluate_split(policy, tokenizer, image_processor, labelled, args, rank, world_size, tag, out_dir, device=None):
     """train.py's evaluation: greedy answers on the whole split, sharded over ranks, on the compute weights.
 
     Returns the scores and label-free statistics (image sensitivity too) and {qid: answer fully right}."""
     ranks_share = labelled[rank::world_size]
     options = dict(batch_size=args.eval_batch_size, prompt_suffix=args.prompt_suffix,
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=args.max_new_tokens, device=device)
     policy.eval()  # the KV cache is off in train mode under gradient checkpointing
     with parallel.gathered(policy, parallel.DTYPES[args.dtype]):
         preds = predict(policy, tokenizer, image_processor, ranks_share, **options)
@@ -401,7 +403,7 @@ def main(argv=None):
     modeling.disable_cudnn_attention()  # on CUDA: cuDNN SDPA's backward gives NaN gradients with our masks
     parser = argparse.ArgumentParser(
         description="Greedy answers on a split, scored with open recall and closed accuracy; with --premise, "
-                    "the premise check: will label-free adaptation help this model? (README)")
+                    "the premise check: will label-free adaptation help this model? (docs/premise_check.md)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "slake", "vqa_rad", "path_vqa"])
     parser.add_argument("--data-root", default=None,
                         help="dataset folder (default: datasets/<dataset> in the repo; for synthetic: "

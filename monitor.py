@@ -122,10 +122,11 @@ def grey_records(records):
     return [dict(r, image=grey(r["image"])) for r in records]
 
 
-def grey_answers(model, tokenizer, image_processor, records, batch_size, prompt_suffix, max_new_tokens):
+def grey_answers(model, tokenizer, image_processor, records, batch_size, prompt_suffix, max_new_tokens, device=None):
     """Greedy answers to every question with its image greyed out, in order."""
     return rollout.generate_answers(model, tokenizer, image_processor, grey_records(records), batch_size=batch_size,
-                                    prompt_suffix=prompt_suffix, max_new_tokens=max_new_tokens, temperature=0.0)
+                                    prompt_suffix=prompt_suffix, max_new_tokens=max_new_tokens, temperature=0.0,
+                                    device=device)
 
 
 def image_sensitivity(preds, grey_preds):

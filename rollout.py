@@ -199,12 +199,13 @@ def completion_mask_from_ids(completion_ids, eos):
 
 
 def generate_answers(model, tokenizer, image_processor, records, batch_size=16, prompt_suffix=DEFAULT_PROMPT_SUFFIX,
-                     group_size=1, max_new_tokens=16, temperature=0.0, top_p=1.0, generator=None):
-    """Answer texts for every record, in order (G per record, consecutive); greedy by default."""
+                     group_size=1, max_new_tokens=16, temperature=0.0, top_p=1.0, generator=None, device=None):
+    """Answer texts for every record, in order (G per record, consecutive); greedy by default. device: where the
+    model computes (default its parameters'; under --offload they are on the host, so the run passes its own)."""
     texts = []
     for start in range(0, len(records), batch_size):
         prompt = build_inputs(tokenizer, image_processor, records[start : start + batch_size], prompt_suffix,
-                              model.device)
+                              model.device if device is None else device)
         texts += sample(model, tokenizer, prompt, group_size, max_new_tokens, temperature, top_p, generator).texts
     return texts
 

@@ -93,7 +93,8 @@ def train_step(run, records):
         if not finite:  # a NaN / inf gradient on any rank: every rank skips, weights and AdamW state unchanged
             stats["skipped"] = "non-finite gradient"
     stats.update(reward=float(adv.rewards.mean()), consensus=sum(shares) / len(shares), untrusted=adv.untrusted,
-                 answer_length=float(mask.sum(1).mean()), **parallel.stage_seconds(timings))
+                 answer_length=float(mask.sum(1).mean()), **parallel.stage_seconds(timings),
+                 **parallel.peak_memory(run.device))
     return stats, StepResult(trained.texts, labels.texts, adv.rewards)
 
 
@@ -202,9 +203,11 @@ def train_loop(run, step, total_steps):
 def main(argv=None):
     modeling.disable_cudnn_attention()  # on CUDA: cuDNN SDPA's backward gives NaN gradients with our masks
     args = parse_args(argv)
+    if args.offload:
+        parallel.prepare_offload()  # the pinned allocator's rounding bounded; the host step's threads
     rank, world_size, device = parallel.setup_distributed(modeling.default_device(), args.dist_timeout_minutes,
                                                           cpu_collectives=args.offload)
-    sharded = args.offload or args.fsdp == "on" or (args.fsdp == "auto" and world_size > 1)
+    sharded = parallel.use_fsdp(args.fsdp, args.offload, args.dtype, world_size)
     check_args(args, world_size, distributed=parallel.dist.is_initialized())
     labelled = setup.on_rank0(setup.load_data, args)  # every image opens, before any model loads
     notes = setup.on_rank0(checkpoint.prepare_out_dir, args.out_dir, args.resume, args.overwrite, world_size,

@@ -13,7 +13,7 @@ of pseudo-labeler, reward and vote size, and reports the final greedy scores on 
                       training on G = 8 of them
 
 Every row runs `train.py` with the same flags (HPARAMS, chosen once on the target-domain `dev` split,
-see README) except the method's; nothing is tuned per row or on `test`. Each row runs on every base
+see docs/results.md) except the method's; nothing is tuned per row or on `test`. Each row runs on every base
 model (separate warm starts: `python -m models.tiny --seed S`) and every RL seed. Written to --out:
 table.md, ablation.json (rows -> metrics with mean, std and per-run values; the paired Med-Evo - TTRL
 differences; per question type), evolution.png (with matplotlib), and each run's folder.
@@ -75,7 +75,7 @@ ROWS += COLLAPSE_ROWS
 NOISY_ACCURACIES = ["0.5", "0.6", "0.7", "0.8", "0.9", "1.0"]
 ROWS += [(f"noisy-{p}", f"noisy oracle, label accuracy {p}",
           ["--pseudo-label", "fpl", "--reward", "noisy-oracle", "--label-accuracy", p]) for p in NOISY_ACCURACIES]
-# The oracle's setting, chosen once on the target-domain dev split (README); --settings gives each row its own.
+# The oracle's setting, chosen once on the target-domain dev split (docs/results.md); --settings gives each row its own.
 HPARAMS = ["--lr", "1e-4", "--epochs", "3", "--kl-coef", "0.04"]
 FIXED = ["--dataset", "synthetic", "--split", "test", "--group-size", "8", "--temperature", "1.0",
          "--eval-every", "48", "--save-every", "100000"]  # 143 steps an epoch: 3 evaluations an epoch

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--part", default="all", choices=["all", "sampler", "train"], help="which measurement to run")
     p.add_argument("--train-flags", default="",
                    help="train.py flags for the training-step part, with '=', e.g. --train-flags=\"--pseudo-label "
-                        "majority --reward exact --ema-teacher\": what a row's rules add to a step (README)")
+                        "majority --reward exact --ema-teacher\": what a row's rules add to a step (docs/collapse_rules.md)")
     p.add_argument("--passes", action="store_true",
                    help="instead: time the teacher-forced pass with each prompt encoded once for its G=8 answers "
                         "(shared prefix) against once per answer, on the tiny base model and a wider random model "
@@ -324,9 +324,12 @@ def train_step_args(bench_args):
 
 def bench_train_step(policy, tokenizer, image_processor, records, bench_args, device):
     args = train_step_args(bench_args)
-    # --ema-teacher: the EMA copy of the policy, fp32 and frozen as rules.ema_teacher.load makes it
-    teacher = copy.deepcopy(policy).float().eval().requires_grad_(False) if args.ema_teacher else None
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    # train.py's recipe: fp32 master weights (bf16 compute by autocast), the reference in the compute dtype, and
+    # with --ema-teacher an fp32 EMA copy, frozen as rules.ema_teacher.load makes it
+    policy = policy.float()
+    reference = (copy.deepcopy(policy).to(parallel.DTYPES[args.dtype]).eval().requires_grad_(False)
+                 if args.kl_coef > 0 else None)
+    teacher = copy.deepcopy(policy).eval().requires_grad_(False) if args.ema_teacher else None
     run = setup.make_run(args, policy, tokenizer, image_processor, reference, teacher, device, labelled=records)
     checkpointing = policy.is_activation_checkpointing
     step_records = run.labelled if rules.reads_labels(args) else [dict(r, answer=None) for r in records]

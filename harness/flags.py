@@ -105,8 +105,9 @@ def parse_args(argv=None):
                    help="compute dtype; master weights and AdamW state are always fp32 (auto: bfloat16 on CUDA, "
                         "float32 on CPU)")
     g.add_argument("--fsdp", default="auto", choices=["auto", "on", "off"],
-                   help="shard the policy with FSDP2 (auto: on with more than one process; off keeps a "
-                        "one-process run free of distributed overhead)")
+                   help="shard the policy with FSDP2 (auto: on with more than one process, and under torchrun with "
+                        "bf16 compute, where it makes the KL to the bf16 reference exactly 0 at step 0; off keeps a "
+                        "one-process run free of distributed overhead, at a KL noise floor in bf16: docs/scale.md)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for GPU, off for CPU)")
     g.add_argument("--freeze-vision", action="store_true", help="train only the language model, not the vision tower")

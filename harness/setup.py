@@ -149,7 +149,7 @@ def record(run, row):
 
 def run_eval(run, step, tag):
     scores, right = evaluate.evaluate_split(run.policy, run.tokenizer, run.image_processor, run.labelled, run.args,
-                                            run.rank, run.world_size, tag, run.out_dir)
+                                            run.rank, run.world_size, tag, run.out_dir, run.device)
     if run.last_right is not None:
         scores.update(monitor.flips(run.last_right, right))
     run.last_right = right

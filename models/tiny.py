@@ -13,10 +13,10 @@ start on the labelled source split (answers drawn from paraphrase sets, so that 
 form as a real model's do) turns the random model into the base model.
 
 The build is deterministic on one machine, but across CPUs floating point differs and 4500 warm-start steps
-amplify it into another model (README). So the three base models of the frozen recipe (warm-start seeds
+amplify it into another model (docs/tiny_model.md). So the three base models of the frozen recipe (warm-start seeds
 0, 1, 2) are shipped in models/tiny-base-seedS, with every file's SHA-256 in models/SHA256SUMS
 (sha256sum's format). `--model tiny [--tiny-seed S]` (train.py) loads one after checking every hash: a
-new clone starts from the very weights README's numbers were measured on, in seconds. Building stays
+new clone starts from the very weights the documented numbers were measured on, in seconds. Building stays
 the way to check them:
 
     python -m models.tiny                  # build seed 0 from scratch into artifacts/tiny-base, write its report.json
@@ -65,11 +65,11 @@ MANIFEST_NAME = "SHA256SUMS"
 BUILD_DIR = evaluate.ARTIFACTS / "tiny-base"  # where `python -m models.tiny` builds seed 0 (seed S: tiny-base-seedS)
 MAX_REPORT_DIFF = 0.5  # points: `--verify` fails when a rebuilt report.json score differs by more
 
-# The frozen recipe of the base model (chosen from base-model reports only; README lists the attempts).
+# The frozen recipe of the base model (chosen from base-model reports only; docs/tiny_model.md lists the attempts).
 SIZES = dict(hidden=128, layers=4, heads=4, vision_hidden=128, vision_depth=2)
 WARM_START = dict(steps=4500, batch_size=16, lr=2e-3)
 
-# The premises (README): the base model sees on the source domain, and the target shift costs it.
+# The premises (docs/tiny_model.md): the base model sees on the source domain, and the target shift costs it.
 MIN_SOURCE_OVERALL, MIN_SOURCE_CLOSED, MIN_SHIFT_COST = 80.0, 75.0, 5.0
 
 # Qwen2's special tokens, in Qwen's order, so the tiny model's prompts look like the real one's.

@@ -120,20 +120,26 @@ def after_step(run, step, total_steps):
 # Flags and checks
 
 
+RULES = (label_samples, oracle, low_consensus, novelty, ema_teacher, entropy)  # each may hold add_flags, RANGES,
+#                                                                                check: a new rule with flags joins here
+
+
 def add_flags(parser):
     """The rules' flags, in one --help section."""
     group = parser.add_argument_group("research rules (rules/; each off by default)")
-    for rule in (label_samples, oracle, low_consensus, novelty, ema_teacher):
-        rule.add_flags(group)
+    for rule in RULES:
+        if hasattr(rule, "add_flags"):
+            rule.add_flags(group)
 
 
-RANGES = [*oracle.RANGES, *low_consensus.RANGES, *ema_teacher.RANGES]
+RANGES = [entry for rule in RULES for entry in getattr(rule, "RANGES", [])]  # (flag, test, what it must be)
 
 
 def check(args):
-    """Each rule's own checks, after the ranges (run/flags.py)."""
-    for rule in (label_samples, novelty, ema_teacher):
-        rule.check(args)
+    """Each rule's own checks (the ranges are checked before, with the core's: harness/flags.py)."""
+    for rule in RULES:
+        if hasattr(rule, "check"):
+            rule.check(args)
 
 
 def check_tables():

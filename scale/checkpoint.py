@@ -8,7 +8,7 @@ A checkpoint is one folder, `<out-dir>/checkpoint`:
                                          each rank writes and reads only its own shard under FSDP2)
     trainer_state.pt                     step, the run's defining flags (JSON text), every rank's sampler RNG,
                                          torch RNG: plain data, read back with torch.load(weights_only=True)
-    teacher.pt                           with --ema-teacher only: the EMA teacher's fp32 weights (model.load_teacher)
+    teacher.pt                           --ema-teacher only: the EMA teacher's fp32 weights (rules.ema_teacher.load)
     COMPLETE                             written last: a folder without it is never resumed from
 
 Saving writes `checkpoint.tmp`, then swaps: `checkpoint -> checkpoint.old`, `checkpoint.tmp -> checkpoint`,
@@ -23,7 +23,7 @@ Every rank writes its own optimizer shard into the checkpoint, so every rank mus
 
 Loading a checkpoint runs no code from it. trainer_state.pt holds only tensors and plain values and is read
 with torch.load(weights_only=True), which refuses a pickle that names any function or class (a planted file
-that would run code is a SystemExit naming it); teacher.pt is read the same way (model.load_teacher). The
+that would run code is a SystemExit naming it); teacher.pt is read the same way (rules/ema_teacher.load). The
 optimizer's index, optimizer/.metadata, is read by torch.distributed.checkpoint with plain pickle.load, so
 it is first unpickled here by `check_optimizer_index`, which builds only the few classes such an index holds.
 

@@ -56,7 +56,7 @@ are ours, not measurements (no GPU has run this code yet).
 Units: GB = 1e9 bytes, GiB = 2**30 bytes. An "80 GB" H100 holds about 85.5e9 bytes, so comparing
 against 80e9 errs on the safe side.
 
-    python -m scale.memory                                 # the README tables: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
+    python -m scale.memory                                 # docs/scale.md tables: 3B and 7B on 1, 2, 4, 8 GPUs of 80 GB
     python -m scale.memory --image-pixels 4194304          # every image at the default --max-pixels cap
     python -m scale.memory --gpu-memory-gb 141 --sizes 7B --world-sizes 1 2 --freeze-vision
 """
@@ -68,6 +68,9 @@ import os
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+import rollout
+from scale import parallel
 
 # ----------------------------------------------------------------------------------------------
 # The real Qwen2.5-VL configurations (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct, written out)
@@ -96,7 +99,7 @@ LABELS = {"master_weights": "master weights", "gradients": "gradients", "adamw_s
           "teacher": "EMA teacher (fp32)"}
 NOT_INCLUDED = "CUDA context, NCCL buffers and allocator overhead not included"
 PATCHES_PER_TOKEN = 4  # 2 x 2 patches of 14 pixels merge into one token
-TEXT_TOKENS = 64  # the chat template, a question and the answer instruction (the README tables)
+TEXT_TOKENS = 64  # the chat template, a question and the answer instruction (docs/scale.md tables)
 
 
 def qwen25_vl_config(size, layers=0, token_ids=None):
@@ -239,9 +242,32 @@ def activation_plan(dims, prompt_tokens, image_tokens, questions, group_size, la
     return plan
 
 
-def host_plan(n_params, plan, ranks_per_node):
-    """Host bytes on the busiest node: rank 0's fp32 copy while loading, plus every local rank's offload."""
-    return 4 * n_params + ranks_per_node * plan["host_offload"]
+def host_plan(n_params, plan, ranks_per_node, pinned_rounding=0):
+    """Peak host bytes on the busiest node, the larger of two moments:
+      loading:  rank 0's full fp32 copy (sent tensor by tensor) while the local ranks' offloaded masters fill in
+                (4 of the 16 offloaded bytes per parameter; AdamW's state does not exist yet);
+      training: every local rank's offloaded masters, gradients and AdamW state, plus the pinned allocator's
+                rounding of the masters and gradients (pinned_rounding_bytes)."""
+    offload = plan["host_offload"]
+    rounding = pinned_rounding if offload else 0
+    loading = 4 * n_params + ranks_per_node * (offload / 4 + rounding / 2)
+    return max(loading, ranks_per_node * (offload + rounding))
+
+
+def pinned_rounding_bytes(model, world_size, threshold_mb=parallel.PINNED_ROUND_THRESHOLD_MB):
+    """Bytes the CUDA caching host allocator adds to one rank's pinned offload: FSDP2 pins each parameter's fp32
+    shard (the master, then its gradient) as its own block, and the allocator rounds a block up to a power of two
+    when it is at most `threshold_mb` (pinned_max_round_threshold_mb; unbounded by default, ATen's
+    CachingHostAllocator.h; train.py bounds it, parallel.bound_pinned_rounding). Shards are dim-0 slices padded
+    to equal size, ceil(dim0 / world_size) rows. AdamW's state is allocated by the optimizer, not pinned."""
+    limit = None if threshold_mb is None else threshold_mb * 2**20
+    extra = 0
+    for p in model.parameters():
+        rows = -(-p.shape[0] // world_size) if p.dim() else 1
+        size = rows * (p.numel() // max(p.shape[0], 1) if p.dim() else 1) * 4
+        if size and (limit is None or size <= limit):
+            extra += 2 * ((1 << (size - 1).bit_length()) - size)  # master + gradient
+    return extra
 
 
 def image_tokens_at(pixels):
@@ -253,17 +279,16 @@ def image_tokens_at(pixels):
 
 def run_plan(model, args, world_size, sharded, reference, prompt_tokens, image_tokens):
     """The start-up plan of a train.py run (its flags in `args`) for its longest prompt, as printed text."""
-    from rollout import shared_prefix_refusal  # here: rollout imports scale.parallel, the plan needs it only now
-
     questions = args.questions_per_step // world_size
-    shared = args.group_size > 1 and shared_prefix_refusal(model) is None  # the layout the teacher-forced pass runs
+    shared = args.group_size > 1 and rollout.shared_prefix_refusal(model) is None  # the teacher-forced layout
     acts = activation_plan(model_dims(model.config), prompt_tokens, image_tokens, questions, args.group_size,
                            args.label_samples, args.max_new_tokens, args.eval_batch_size, args.gradient_checkpointing,
                            args.dtype, shared_prefix=shared)
     counts = count_parameters(model)
     plan = memory_plan(counts["total"], counts["trainable"], world_size, args.dtype, sharded, reference, args.offload,
                        acts["peak"], teacher=args.ema_teacher)
-    host = host_plan(counts["total"], plan, min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    host = host_plan(counts["total"], plan, min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+                     pinned_rounding_bytes(model, world_size) if args.offload else 0)
     return format_plan(plan, world_size, dtype=args.dtype, sharded=sharded, host=host) + (
         f"\n  activations for the longest prompt ({prompt_tokens} tokens, {image_tokens} of them image): "
         + ", ".join(f"{key.replace('_', '-')} {acts[key] / 2**30:.2f} GiB" for key in ("teacher_forced", "rollout",
@@ -291,7 +316,7 @@ def format_plan(plan, world_size, gib=True, dtype=None, sharded=None, host=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# The README table
+# The tables of docs/scale.md
 
 
 def parse_args(argv=None):
@@ -302,6 +327,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", nargs="+", default=["3B", "7B"], choices=sorted(TEXT_CONFIGS))
     p.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="GPUs (processes) per run")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the host memory per node")
+    p.add_argument("--host-memory-gib", type=float, default=128.0, help="host memory per node, GiB: the table marks "
+                                                                       "the setups over it")
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only (as train.py's flag)")
     p.add_argument("--image-pixels", type=int, default=512 * 512,
                    help="pixels of the longest prompt's image (default 512 x 512, SLAKE's size)")
@@ -342,14 +369,19 @@ def table(args):
                 acts = run_activations(dims, args, world_size)
                 plan = memory_plan(counts[size]["total"], counts[size]["trainable"], world_size, "bfloat16",
                                    sharded, reference=True, offload=offload, activations=acts["peak"])
-                host = host_plan(counts[size]["total"], plan, min(world_size, args.gpus_per_node))
+                rounding = pinned_rounding_bytes(model, world_size) if offload else 0
+                host = host_plan(counts[size]["total"], plan, min(world_size, args.gpus_per_node), rounding)
+                unbounded = host_plan(counts[size]["total"], plan, min(world_size, args.gpus_per_node),
+                                      pinned_rounding_bytes(model, world_size, None) if offload else 0)
                 states = sum(plan[key] for key in STATE_KEYS)
                 setup = ("FSDP2" if sharded else "one replica") + (" + offload" if offload else "")
                 total = plan["total"] / 1e9
                 cells = [f"{states / 1e9:.1f}" if not offload else f"0 (host {plan['host_offload'] / 1e9:.1f})",
                          f"{plan['compute_copy'] / 1e9:.1f}", f"{plan['reference'] / 1e9:.1f}",
                          f"{plan['activations'] / 1e9:.1f}", f"**{total:.1f} GB**",
-                         "fits" if total <= budget else "does not fit", f"{host / 1e9:.0f} GB"]
+                         "fits" if total <= budget else "does not fit", f"{host / 1e9:.0f} GB" + (
+                             f" ({unbounded / 1e9:.0f} unbounded)" if offload else "") + (
+                             "" if host <= args.host_memory_gib * 2**30 else f", over {args.host_memory_gib:g} GiB")]
                 lines.append(f"| Qwen2.5-VL-{size} | {world_size} | {setup} | " + " | ".join(cells) + " |")
     params = "; ".join(f"Qwen2.5-VL-{size}: {c['total']:,} parameters, {c['trainable']:,} trainable"
                        for size, c in counts.items())
@@ -361,7 +393,9 @@ def table(args):
         f"gradient checkpointing, each prompt encoded once for its G answers (sdpa).\n{params}.\n"
         f"Fits = total <= {budget:g} GB: {args.headroom:.0%} of the GPU ({args.gpu_memory_gb * args.headroom:g} GB) "
         f"is kept for the {NOT_INCLUDED.replace(' not included', '')}. Host per node: rank 0's fp32 copy while "
-        f"loading plus the offloaded states of {args.gpus_per_node} GPUs per node at most.")
+        f"loading plus the offloaded states of {args.gpus_per_node} GPUs per node at most, with the pinned allocator's "
+        f"power-of-two rounding bounded to blocks <= {parallel.PINNED_ROUND_THRESHOLD_MB} MiB as train.py sets it "
+        f"(in brackets: unbounded, torch's default).")
 
 
 def main(argv=None):

@@ -44,6 +44,7 @@ group is needed and the model is an ordinary module.
 
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -66,6 +67,7 @@ from torch.distributed.tensor import DTensor, Shard
 import model as modeling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PINNED_ROUND_THRESHOLD_MB = 1  # --offload: pinned blocks above this are allocated at their size (bound_pinned_rounding)
 DEFAULT_TIMEOUT_MINUTES = 30  # rank 0 writes the whole fp32 checkpoint (33 GB for 7B) while the others wait
 
 
@@ -208,6 +210,36 @@ def mixed_precision(dtype, cast_inputs=True):
                                 cast_forward_inputs=cast_inputs)
 
 
+def bound_pinned_rounding():
+    """--offload: FSDP2 pins every parameter's shard (master and gradient) as its own block, and the CUDA caching
+    host allocator rounds each block up to a power of two unless told otherwise (pinned_max_round_threshold_mb,
+    unbounded by default: c10/core/AllocatorConfig.h, ATen/core/CachingHostAllocator.h), up to 2x the plan.
+    Bound it, before the first pinned allocation, unless the user's PYTORCH_ALLOC_CONF already says."""
+    conf = os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "pinned_max_round_threshold_mb" not in conf + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        setting = f"pinned_max_round_threshold_mb:{PINNED_ROUND_THRESHOLD_MB}"
+        os.environ["PYTORCH_ALLOC_CONF"] = f"{conf},{setting}" if conf else setting
+
+
+def use_fsdp(fsdp, offload, dtype, world_size):
+    """--fsdp auto shards with more than one process, and with bf16 compute under torchrun on one: there FSDP2's
+    bf16 copy of the weights computes what the bf16 reference computes, so the KL starts at exactly 0. Without it
+    (--fsdp off) autocast keeps the embeddings, the residual stream and RMSNorm in fp32 while the reference runs
+    wholly in bf16: the KL at step 0 is a noise floor (CPU: 4.2e-6 on the tiny base model, 0.016 on the tests'
+    random one; docs/scale.md)."""
+    if offload or fsdp == "on":
+        return True
+    return fsdp == "auto" and (world_size > 1 or (dtype == "bfloat16" and dist.is_initialized()))
+
+
+def prepare_offload():
+    """--offload, before any CUDA or pinned allocation: bound the pinned rounding, and give the host's AdamW step
+    this process's share of the cores (torchrun sets OMP_NUM_THREADS=1 when a node runs several processes)."""
+    bound_pinned_rounding()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def offload_policy(offload, device):
     """FSDP2's host-memory offload (pinned for fast copies on GPU; pinning needs CUDA) or none."""
     return CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
@@ -338,7 +370,7 @@ def load_sharded(policy_from, reference_from, device, dtype, offload=False, prep
 
 def load_sharded_teacher(name_or_path, device, dtype, state_file=None):
     """The EMA teacher, sharded (shard_teacher): rank 0 alone reads the start model in fp32 (on --resume with the
-    checkpoint's teacher.pt over it, as model.load_teacher does) and sends each rank its shards."""
+    checkpoint's teacher.pt over it, as rules.ema_teacher.load does) and sends each rank its shards."""
     teacher, state = build_everywhere(name_or_path, torch.float32, state_file)
     teacher = materialize(shard_teacher(teacher, dtype), device, offload=False)
     fill_from_rank0([teacher], state, device)
@@ -347,7 +379,7 @@ def load_sharded_teacher(name_or_path, device, dtype, state_file=None):
 
 def build_everywhere(name_or_path, dtype, state_file=None):
     """(model on the meta device, rank 0's full state or None elsewhere). Rank 0 reads the configuration and
-    the weights (in `dtype`; state_file: a saved state dict loaded over them, as model.load_teacher does) and
+    the weights (in `dtype`; state_file: a saved state dict loaded over them, as rules.ema_teacher.load does) and
     keeps only the tensors; the other ranks receive the configuration."""
     model, state = None, None
     if is_rank0():
@@ -432,6 +464,15 @@ def timed(timings, name, device):
     elapsed = clock(device) - t0
     timings[name] = timings.get(name, 0.0) + elapsed - (timings.get("inner", 0.0) - inner_before)
     timings["inner"] = inner_before + elapsed
+
+
+def peak_memory(device):
+    """On CUDA, this process's peak GPU memory and peak host memory (GiB) so far, for the step's row (the GPU check
+    compares them with the plan); nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB on Linux
 
 
 def stage_seconds(timings):

@@ -251,3 +251,27 @@ def test_a_half_registered_name_is_refused(monkeypatch):
     monkeypatch.setitem(rules.REWARDS, "bleu", None)
     with pytest.raises(TypeError, match="'bleu' is registered to None"):
         rules.check_tables()
+
+
+def test_the_fpl_teacher_runs_sharded_with_uneven_answers(tiny_model_dir, unlabeled_slake_folder, tmp_path):
+    """--ema-teacher with its default FPL label, end to end under FSDP2 in 2 processes: the teacher's FPL pass
+    runs as one registered FSDP forward (it used to fail with 'mixed torch.Tensor and DTensor'). Answers of
+    uneven length across ranks: the next test."""
+    out = tmp_path / "run"
+    torchrun(2, "train.py", *FAST, "--model", str(tiny_model_dir), "--data-root", str(unlabeled_slake_folder),
+             "--out-dir", str(out), "--ema-teacher", "--fsdp", "on", "--max-new-tokens", "8", "--max-steps", "2",
+             "--temperature", "1.5")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "eval" not in r]
+    assert len(steps) == 2 and all(math.isfinite(r["reward"]) and r["seconds_teacher"] > 0 for r in steps)
+    assert (out / "checkpoint" / "teacher.pt").is_file()
+
+
+def test_a_sharded_teacher_samples_uneven_answers_without_collectives(tiny_model_dir, slake_folder, tmp_path):
+    """Inside parallel.gathered the sharded teacher (root resharded after each forward) is gathered once; its
+    rollout of 2 tokens on rank 0 and 6 on rank 1, and its FPL pass, then issue no all-gather at all."""
+    out = tmp_path / "counts.json"
+    torchrun(2, "tests/gathered_check.py", str(tiny_model_dir), str(slake_folder), str(out))
+    (entry0, inside0, length0), (entry1, inside1, length1) = json.loads(out.read_text())
+    assert (length0, length1) == (2, 6)  # uneven on purpose
+    assert entry0 == entry1 == 5 and inside0 == inside1 == 0  # 2 layers + 2 vision blocks + the root, once

@@ -3,7 +3,7 @@ bounded images, a sharded reference, --offload, the out-dir and timeout checks, 
 
 The two-process checks run tests/gpu_path_check.py and tests/lean_load_check.py under torchrun with gloo;
 bf16 compute runs on CPU where the dtype matters. What only a GPU can run (cuDNN attention, NCCL, pinned
-memory) is reached here up to the device check, or argued in README's notes."""
+memory) is reached here up to the device check, or argued in docs/scale.md."""
 
 import copy
 import json

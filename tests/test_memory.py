@@ -1,10 +1,12 @@
 """Tests for memory.py: the plan against hand-computed bytes, parameter counts of meta-device models."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from scale import memory
+from scale import memory, parallel
 
 # ----------------------------------------------------------------------------------------------
 # The plan, by hand: n = 1000 parameters, t = 600 trainable, 4 processes
@@ -38,7 +40,9 @@ def test_offload_moves_the_fp32_states_to_the_host():
     plan = memory.memory_plan(N, T, W, "bfloat16", True, True, offload=True)
     assert [plan[key] for key in memory.PLAN_KEYS] == [0, 0, 0, 2000, 500, 0]
     assert plan["host_offload"] == 1000 + 600 + 1200 and plan["total"] == 2500
-    assert memory.host_plan(N, plan, ranks_per_node=4) == 4 * N + 4 * 2800  # rank 0's fp32 copy + 4 ranks' states
+    # the larger of loading (rank 0's fp32 copy + 4 ranks' masters, 700 each) and training (4 ranks' 2800 each)
+    assert memory.host_plan(N, plan, ranks_per_node=4) == max(4 * N + 4 * 700, 4 * 2800)
+    assert memory.host_plan(N, plan, ranks_per_node=4, pinned_rounding=100) == max(4 * N + 4 * 750, 4 * 2900)
     with pytest.raises(ValueError, match="sharded"):
         memory.memory_plan(N, T, 1, "bfloat16", False, True, offload=True)
 
@@ -159,3 +163,23 @@ def test_config_layers_and_token_ids():
     assert config.image_token_id == 7 and config.video_token_id == 151656
     assert config.vision_config.out_hidden_size == config.text_config.hidden_size == 3584
     assert not config.tie_word_embeddings and memory.qwen25_vl_config("3B").tie_word_embeddings
+
+
+def test_pinned_rounding_hand_computed():
+    """Linear(3, 5) over 2 ranks: the weight's shard is ceil(5 / 2) = 3 rows x 3 x 4 B = 36 B, pinned as 64 (+28);
+    the bias's 3 x 4 B = 12 B as 16 (+4); masters and gradients both: 2 x 32 = 64 B. Bounded to blocks <= 0 MiB,
+    nothing is rounded."""
+    layer = torch.nn.Linear(3, 5)
+    assert memory.pinned_rounding_bytes(layer, 2, threshold_mb=None) == 64
+    assert memory.pinned_rounding_bytes(layer, 2, threshold_mb=1) == 64
+    assert memory.pinned_rounding_bytes(layer, 2, threshold_mb=0) == 0
+
+
+def test_bound_pinned_rounding_keeps_the_users_setting(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    parallel.bound_pinned_rounding()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True,pinned_max_round_threshold_mb:1"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_max_round_threshold_mb:64")
+    parallel.bound_pinned_rounding()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "pinned_max_round_threshold_mb:64"

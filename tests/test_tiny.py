@@ -195,7 +195,7 @@ def imported_modules(path):
 STACK = ["data", "model", "scale.parallel", "reward", "rollout", "centroid", "grpo", "scale.checkpoint",
          "scale.memory", "monitor", "evaluate", "models.tiny", "rules.label_samples", "rules.oracle",
          "rules.low_consensus", "rules.novelty", "rules.entropy", "rules.ema_teacher", "rules", "harness.flags",
-         "harness.setup", "train", "experiments.bench", "experiments.ablate"]
+         "harness.setup", "train", "experiments.bench", "experiments.ablate", "experiments.gpu_check"]
 
 
 def our_module(path):

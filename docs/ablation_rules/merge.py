@@ -7,7 +7,7 @@ docs/dev_grid_rules/dev_choices.json --rows ttrl-restrain ...`) and docs/dev_gri
   collapse_rules   the test ablation of the new rows at their own settings: hparams, the table (with the base
                    model's row, the same base models as own_setting), every run, and minus_plain: per row and
                    run, its final overall minus its plain row's (TTRL or Med-Evo in own_setting, same base
-                   model), in points (README's "− its plain row" column)
+                   model), in points (docs/collapse_rules.md's "− its plain row" column)
 
     python docs/ablation_rules/merge.py
 """

@@ -1,4 +1,4 @@
-"""The two readings of README's dev grid, from the runs' metrics.jsonl (docs/dev_grid/runs/ROW-lrLR/).
+"""The two readings of the dev grid (docs/results.md), from the runs' metrics.jsonl (docs/dev_grid/runs/ROW-lrLR/).
 
     python docs/dev_grid/analyse.py [RUNS_DIR]
 
