@@ -392,8 +392,9 @@ def table(args):
         f"G = {args.group_size}, {args.max_new_tokens} new tokens, evaluation batch {args.eval_batch_size}, "
         f"gradient checkpointing, each prompt encoded once for its G answers (sdpa).\n{params}.\n"
         f"Fits = total <= {budget:g} GB: {args.headroom:.0%} of the GPU ({args.gpu_memory_gb * args.headroom:g} GB) "
-        f"is kept for the {NOT_INCLUDED.replace(' not included', '')}. Host per node: rank 0's fp32 copy while "
-        f"loading plus the offloaded states of {args.gpus_per_node} GPUs per node at most, with the pinned allocator's "
+        f"is kept for the {NOT_INCLUDED.replace(' not included', '')}. Host per node: the peak of loading (rank 0's "
+        f"fp32 copy as the masters arrive) and training (the offloaded states of {args.gpus_per_node} GPUs per node "
+        f"at most), with the pinned allocator's "
         f"power-of-two rounding bounded to blocks <= {parallel.PINNED_ROUND_THRESHOLD_MB} MiB as train.py sets it "
         f"(in brackets: unbounded, torch's default).")
 
