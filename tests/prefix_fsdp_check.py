@@ -4,7 +4,8 @@ The tiny model is sharded with FSDP2 as train.py shards the policy (scale.parall
 takes its own questions, and the teacher-forced pass runs as one registered FSDP forward (parallel.as_forward),
 once with the shared-prefix layout and once with the prompt repeated per answer; a fixed random weighting of the
 logits and hidden states is back-propagated each time. Three settings: no checkpointing, then transformers'
-activation checkpointing with use_reentrant False and True. Rank 0 writes, per setting, the largest difference
+activation checkpointing with use_reentrant False and True; then the sharded bf16 path (bf16 compute over fp32
+masters), shared vs unshared beside bf16's own rounding. Rank 0 writes, per setting, the largest difference
 of the logits and of the hidden states (over both ranks) and of every full (gathered) parameter gradient.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/prefix_fsdp_check.py MODEL_DIR OUT.json IMG...
 """
@@ -80,6 +81,7 @@ for setting, reentrant in [("plain", None), ("checkpointing", False), ("checkpoi
     if reentrant is not None:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     unshared = run(rollout.completion_logits_and_hidden_unshared)
+    fp32 = unshared if setting == "plain" else fp32
     shared = run(rollout.completion_logits_and_hidden_shared)
     default = run(rollout.completion_logits_and_hidden)  # what train.py calls: the shared layout (sdpa)
     results[setting] = {
@@ -95,8 +97,27 @@ for setting, reentrant in [("plain", None), ("checkpointing", False), ("checkpoi
     }
     if reentrant is not None:
         policy.activation_checkpointing_disable()
+# the sharded bf16 path: FSDP2's bf16 compute over fp32 masters (shard_policy(.., bfloat16)), shared vs unshared, and
+# for scale bf16's own rounding (unshared bf16 vs unshared fp32)
+units = len(parallel.fsdp_units(policy))
+policy, _, _ = modeling.load(model_dir, "cpu", dtype=torch.float32)
+policy.train()
+parallel.shard_policy(policy, torch.bfloat16)
+unshared, shared = run(rollout.completion_logits_and_hidden_unshared), run(rollout.completion_logits_and_hidden_shared)
+
+
+def grad_relative(a, b):
+    return max(((a[2][n].float() - b[2][n].float()).norm() / b[2][n].float().norm()).item() for n in b[2])
+
+
+results["sharded_bf16"] = {
+    "layout": [largest((shared[0] - unshared[0]).abs().max()), largest((shared[1].float() - unshared[1].float()).abs()
+                                                                       .max()), largest(grad_relative(shared, unshared))],
+    "rounding": [largest((unshared[0] - fp32[0]).abs().max()), largest((unshared[1].float() - fp32[1]).abs().max()),
+                 largest(grad_relative(unshared, fp32))],
+}
 if rank == 0:
-    Path(out_path).write_text(json.dumps({"world_size": world_size, "fsdp_units": len(parallel.fsdp_units(policy)),
+    Path(out_path).write_text(json.dumps({"world_size": world_size, "fsdp_units": units,
                                           "results": results}, indent=1))
 parallel.shutdown()
 parallel.end_worker()

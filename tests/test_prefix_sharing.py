@@ -227,6 +227,8 @@ def test_two_process_fsdp_shared_equals_unshared(tiny_model_dir, image_records, 
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["fsdp_units"] == 2 + 2 + 1
     results = report["results"]
+    layout, rounding = results.pop("sharded_bf16").values()  # the sharded bf16 path: the layout's difference is
+    assert all(a <= b / 4 for a, b in zip(layout, rounding)), (layout, rounding)  # well inside bf16's own rounding
     for setting, r in results.items():
         assert r["logits"] <= LOGITS_ATOL and r["hidden"] <= HIDDEN_ATOL and r["grad_relative"] <= GRAD_RTOL, setting
         assert r["grad_names"] > 0 and r["default_is_shared"] == 0.0, setting
