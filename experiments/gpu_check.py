@@ -91,7 +91,7 @@ def masked_backward(model, tokens, device):
         out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return {"loss": float(out.loss), "finite_gradients": all(bool(torch.isfinite(g).all()) for g in grads),
+    return {"loss": float(out.loss.detach()), "finite_gradients": all(bool(torch.isfinite(g).all()) for g in grads),
             "parameters_with_gradients": len(grads)}
 
 
