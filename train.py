@@ -79,6 +79,7 @@ def train_step(run, records):
                 # 5. Group-relative advantages (shares: each label's vote share, the consensus)
                 shares = centroid.label_shares(out.texts, N, labels.texts)  # [B]
                 adv = rules.advantager(args)(run, rewards, shares)  # grpo.Advantages
+            del batch  # it holds the logits, the step's largest tensor: gone with the graph after backward
             # 6. The frozen reference's log-probs, for the KL term
             with timed(timings, "reference_forward", run.device):
                 ref_logp = reference_logprobs(run, prompt, trained)  # [B*G, T] or None
