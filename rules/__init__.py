@@ -82,7 +82,7 @@ LABELERS = {"fpl": fpl, "majority": majority, "ema-teacher": ema_teacher.labels,
 REWARDS = {"hsr": hsr, "exact": exact, "f1": f1, "oracle": oracle.rewards, "noisy-oracle": hsr,
            "entropy": entropy.rewards, "novelty": novelty.rewards}
 ADVANTAGES = {"group": group, "penalize": low_consensus.penalize, "drop": low_consensus.drop}
-PSEUDO_LABELS = ("fpl", "majority")  # --pseudo-label: the labelers a user picks; the others come with a rule
+PSEUDO_LABELS = centroid.PSEUDO_LABELS  # --pseudo-label: the labelers a user picks; the others come with a rule
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Every rank writes its own optimizer shard into the checkpoint, so every rank mus
 
 Loading a checkpoint runs no code from it. trainer_state.pt holds only tensors and plain values and is read
 with torch.load(weights_only=True), which refuses a pickle that names any function or class (a planted file
-that would run code is a SystemExit naming it); teacher.pt is read the same way (rules/ema_teacher.load). The
+that would run code is a SystemExit naming it); teacher.pt is read the same way (rules.ema_teacher.load). The
 optimizer's index, optimizer/.metadata, is read by torch.distributed.checkpoint with plain pickle.load, so
 it is first unpickled here by `check_optimizer_index`, which builds only the few classes such an index holds.
 

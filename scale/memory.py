@@ -42,9 +42,11 @@ is sharded with FSDP2 (`fully_shard`), s = 1 when every rank holds a full replic
                      evaluation: the KV cache of --eval-batch-size rows.
   total            the sum of the above (GPU)
 
-Host memory per node (`host_plan`): rank 0 reads one full fp32 copy while loading (4 B x n; the other
-ranks receive their shards, parallel.load_sharded), plus, with --offload, each local rank's offloaded
-masters, gradients and AdamW state. Process overhead (Python, CUDA context, pinned staging) is not in it.
+Host memory per node (`host_plan`): the larger of two moments. Loading: rank 0 reads one full fp32 copy
+(4 B x n; the other ranks receive their shards, parallel.load_sharded) while, with --offload, each local rank's
+masters arrive. Training, with --offload: each local rank's offloaded masters, gradients and AdamW state, plus the
+pinned allocator's power-of-two rounding of the masters and gradients (`pinned_rounding_bytes`). Process overhead
+(Python, CUDA context, pinned staging) is not in it.
 
 Outside training's rollout the compute copy is smaller (FSDP2 gathers one block at a time in the
 forward and backward passes), so `compute_copy` is the rollout's peak. NOT included, and said so
@@ -175,7 +177,8 @@ def memory_plan(n_params, n_trainable, world_size, dtype, sharded, reference, of
                 teacher=False):
     """Per-rank GPU bytes of the run (the accounting of the module docstring), keys PLAN_KEYS + "total", and
     "host_offload": the bytes this rank keeps in host memory with --offload (0 without). teacher (--ema-teacher):
-    key "teacher" too, the EMA teacher's fp32 weights, sharded like the masters (model.py: bf16 would not move)."""
+    key "teacher" too, the EMA teacher's fp32 weights, sharded like the masters (rules/ema_teacher.py: in bf16
+    the EMA would not move)."""
     if dtype not in BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(BYTES)}")
     if offload and not sharded:
