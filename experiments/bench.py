@@ -462,8 +462,12 @@ def bench_passes(model, tokenizer, prompt, args, device):
         for key in ("seconds_forward_backward", "seconds_forward_no_grad", "saved_for_backward_bytes",
                     "saved_for_backward_language_model_bytes")}
     results["ratio_unshared_over_shared"]["tokens"] = results["tokens"]["unshared"] / results["tokens"]["shared"]
-    results["max_abs_difference"] = {"logits": (outputs["unshared"][0] - outputs["shared"][0]).abs().max().item(),
-                                     "hidden": (outputs["unshared"][1] - outputs["shared"][1]).abs().max().item()}
+    real = mask.bool()  # the answer tokens the loss reads (padding after EOS is masked out of it)
+    (logits_u, hidden_u), (logits_s, hidden_s) = outputs["unshared"], outputs["shared"]
+    results["max_abs_difference"] = {"logits": (logits_u - logits_s).abs()[real].max().item(),
+                                     "hidden": (hidden_u.float() - hidden_s.float()).abs()[real].max().item()}
+    results["logits_scale"] = logits_u.abs()[real].max().item()
+    results["finite"] = bool(torch.isfinite(logits_s).all() and torch.isfinite(hidden_s).all())
     results.update(questions=B, group_size=G, answer_tokens=T, prompt_tokens=L,
                    real_answer_tokens=int(mask.sum()), attention=model.config._attn_implementation)
     return results

@@ -111,35 +111,12 @@ def check_cudnn(model, args, device):
 # 2. The shared-prefix pass in bf16 with its 4-D mask
 
 
-def timed(fn, device):
-    bench.synchronize(device)
-    t0 = time.perf_counter()
-    result = fn()
-    bench.synchronize(device)
-    return result, time.perf_counter() - t0
-
-
-def check_prefix(model, tokenizer, image_processor, records, device, group_size=8, new_tokens=16):
+def check_prefix(model, tokenizer, image_processor, records, device):
+    """bench.py --passes' measurement in bf16 (the model cast to it): shared vs unshared pass, forward + backward
+    and no-grad time, bytes saved for backward, and their largest difference on the answer tokens."""
     prompt = rollout.build_inputs(tokenizer, image_processor, records, device=device)
-    out = rollout.sample(model, tokenizer, prompt, group_size, new_tokens, 1.0, 1.0,
-                         torch.Generator(device=device).manual_seed(0))
-    passes = {}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        for name, fn in [("unshared", rollout.completion_logits_and_hidden_unshared),
-                         ("shared", rollout.completion_logits_and_hidden_shared)]:
-            fn(model, prompt, out.completion_ids, out.completion_mask, group_size)  # warm-up
-            passes[name] = timed(lambda: fn(model, prompt, out.completion_ids, out.completion_mask, group_size),
-                                 device)
-    (logits_u, hidden_u), seconds_u = passes["unshared"]
-    (logits_s, hidden_s), seconds_s = passes["shared"]
-    mask = out.completion_mask.bool()
-    return {"prompt_tokens": int(prompt["input_ids"].shape[1]), "group_size": group_size,
-            "answer_tokens": int(out.completion_ids.shape[1]),
-            "max_abs_logits": float((logits_u - logits_s).abs()[mask].max()),
-            "max_abs_hidden": float((hidden_u.float() - hidden_s.float()).abs()[mask].max()),
-            "logits_scale": float(logits_u.abs()[mask].max()),
-            "finite": bool(torch.isfinite(logits_s).all() and torch.isfinite(hidden_s).all()),
-            "seconds_unshared": seconds_u, "seconds_shared": seconds_s, "speedup": seconds_u / seconds_s}
+    return bench.bench_passes(model.to(torch.bfloat16), tokenizer, prompt,
+                              argparse.Namespace(max_new_tokens=16, seed=0, repeats=3), device)
 
 
 # ----------------------------------------------------------------------------------------------
